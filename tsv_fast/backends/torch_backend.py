@@ -1,0 +1,90 @@
+"""The torch backend: the fast route in plain torch ops, on any device.
+
+Precision is the design here (DESIGN.md §2): the task stacks of real models are ill-conditioned, so
+the per-task Gram and its eigensolver, the stack Grams, G^(-1/2) and the products with it run in
+float64; only the final reconstruction GEMM, whose operands are orthonormal, runs in the compute
+dtype.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..reference import GRAM_RTOL, ZERO_RTOL, sti_ref
+
+F64 = torch.float64
+
+
+class Backend:
+    """Interface of a compute backend; see tsv_fast.backends for the ops and their shapes."""
+
+    name = "base"
+
+    def unavailable_reasons(self, device: torch.device) -> list[str]:
+        return [f"{self.name}: not implemented"]
+
+
+class TorchBackend(Backend):
+    name = "torch"
+
+    def unavailable_reasons(self, device: torch.device) -> list[str]:
+        return []
+
+    # -- building blocks that faster backends replace -------------------------------------------
+    def task_gram(self, delta: Tensor) -> Tensor:
+        """[..., m, n] float64 with m >= n -> ΔᵀΔ [..., n, n] float64."""
+        return delta.mT @ delta
+
+    def eigh(self, gram: Tensor) -> tuple[Tensor, Tensor]:
+        """Symmetric eigendecomposition, eigenvalues ascending (torch.linalg.eigh semantics)."""
+        return torch.linalg.eigh(gram)
+
+    def stack_gram(self, stack: Tensor) -> Tensor:
+        return stack.mT @ stack
+
+    # -- the ops of the merge ----------------------------------------------------------------------
+    def task_factors(self, finetuned: Tensor, pretrained: Tensor | None, k: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Top-k triplets of every task matrix from its float64 Gram (never a full SVD).
+
+        finetuned [L, T, m, n], pretrained [L, m, n] or None -> U [L,T,m,k], σ [L,T,k], V [L,T,n,k].
+        """
+        delta = finetuned.to(F64)
+        if pretrained is not None:
+            delta = delta - pretrained.to(F64).unsqueeze(1)
+        wide = delta.shape[-2] < delta.shape[-1]
+        if wide:  # work on the smaller Gram
+            delta = delta.mT
+        evals, evecs = self.eigh(self.task_gram(delta))
+        right = evecs[..., -k:].flip(-1)
+        left = delta @ right
+        # σ from the column norms of ΔV: accurate even where the eigenvalue σ² is tiny
+        sigma = torch.linalg.vector_norm(left, dim=-2)
+        keep = sigma > ZERO_RTOL * sigma.amax(dim=-1, keepdim=True)
+        sigma = sigma * keep
+        left = left * torch.where(keep, 1.0 / sigma.clamp_min(torch.finfo(F64).tiny), 0.0).unsqueeze(-2)
+        right = right * keep.unsqueeze(-2)
+        if wide:
+            left, right = right, left
+        return left, sigma, right
+
+    def orthogonalize(self, stack: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Polar factor X (XᵀX)^(-1/2) of X [L, m, K] (float64) through its K×K Gram.
+
+        Eigenvalues below GRAM_RTOL·K·λ_max are treated as zero (partial isometry), so a
+        rank-deficient stack never produces Inf/NaN. Returns (X⊥, G, eigenvalues of G ascending).
+        """
+        gram = self.stack_gram(stack)
+        evals, evecs = self.eigh(gram)
+        floor = GRAM_RTOL * stack.shape[-1] * evals[..., -1:].clamp_min(0)
+        inv_sqrt = torch.where(evals > floor, evals.clamp_min(torch.finfo(F64).tiny).rsqrt(), 0.0)
+        return stack @ ((evecs * inv_sqrt.unsqueeze(-2)) @ evecs.mT), gram, evals
+
+    def sti(self, gram_u: Tensor, sigma: Tensor, gram_v: Tensor) -> Tensor:
+        return sti_ref(gram_u, sigma, gram_v)
+
+    def reconstruct(self, base: Tensor | None, a: Tensor, b: Tensor, alpha: float,
+                    out_dtype: torch.dtype) -> Tensor:
+        if base is None:
+            update = a @ b.mT
+            return (update if alpha == 1.0 else update * alpha).to(out_dtype)
+        return torch.baddbmm(base.to(a.dtype), a, b.mT, alpha=alpha).to(out_dtype)
