@@ -136,3 +136,27 @@ def test_chunking_by_memory_budget_gives_the_same_result():
     for key in want:
         assert_rel_close(key, one_by_one[key], want[key], FLOAT64_BOUND)
         assert_rel_close(key, batched[key], want[key], FLOAT64_BOUND)
+
+
+def test_tasks_are_batched_when_one_layer_exceeds_the_budget():
+    from tsv_fast.checkpoint import DictCheckpoint
+    from tsv_fast.merge import Options, run_merge
+
+    tvs = [{"w": d} for d in task_matrices((40, 30), 6, shared=0.4, seed=12)]
+    per_matrix = 40 * 30 * 8 * 3
+    options = Options(compute_dtype=torch.float64, max_chunk_bytes=2 * per_matrix)  # two tasks at a time
+    merged, _ = run_merge(None, [DictCheckpoint(tv) for tv in tvs], options)
+    want = reference.fast_tsv_merge(tvs, compute_dtype=torch.float64)
+    assert_rel_close("task-batched", merged["w"], want["w"], FLOAT64_BOUND)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("shape", [(3072, 768), (768, 3072)])
+def test_cuda_merge_matches_reference_at_layer_shape(shape):
+    tvs64 = [{"w": d} for d in task_matrices(shape, 8, shared=0.5, seed=13)]
+    want = reference.fast_tsv_merge(tvs64, compute_dtype=torch.float64)["w"]
+    tvs32 = [{"w": tv["w"].float()} for tv in tvs64]
+    authors = reference.authors_fast_tsv_merge(tvs32)["w"]
+    got = tsv_fast.fast_tsv_merge([{"w": tv["w"].cuda()} for tv in tvs32])["w"]
+    assert got.is_cuda
+    assert_rel_close(f"cuda {shape}", got.cpu(), want, contract_bound(rel_fro(authors, want)))

@@ -162,33 +162,50 @@ class Chunk:
 def factor_chunks(pretrained: Checkpoint | None, finetuned: Sequence[Checkpoint], plan: Plan,
                   options: Options, backend: Backend, report: Report,
                   on_zero_delta=None) -> Iterator[Chunk]:
-    """Top-k factors of every matrix key, grouped by shape; all-zero layers skip the factor work."""
+    """Top-k factors of every matrix key, grouped by shape, within ``options.max_chunk_bytes``.
+
+    Same-shape layers are batched while a chunk of L layers × T tasks fits the budget; a layer too
+    large for it has its tasks factored in batches, so memory never scales with T × the model.
+    Layers whose T task matrices are all zero skip the factor work.
+    """
     device = _device_of(options, plan)
     num_tasks = len(finetuned)
     bar = _progress(sum(len(keys) for keys in plan.groups.values()), options.progress, "layers")
     for (shape, k, out_dtype), keys in plan.groups.items():
-        per_layer = num_tasks * math.prod(shape) * 8 * 3  # float64 Δ, Gram and product buffers
-        chunk_len = max(1, options.max_chunk_bytes // per_layer)
-        for start in range(0, len(keys), chunk_len):
-            chunk_keys = keys[start:start + chunk_len]
-            ft = torch.stack([torch.stack([_load_checked(c, key, device) for c in finetuned])
-                              for key in chunk_keys])
+        per_matrix = math.prod(shape) * 8 * 3  # float64 Δ, its Gram and product buffers
+        layers_per_chunk = max(1, options.max_chunk_bytes // (per_matrix * num_tasks))
+        tasks_per_batch = min(num_tasks, max(1, options.max_chunk_bytes // per_matrix))
+        for start in range(0, len(keys), layers_per_chunk):
+            chunk_keys = keys[start:start + layers_per_chunk]
             pre = (torch.stack([_load_checked(pretrained, key, device) for key in chunk_keys])
                    if pretrained is not None else None)
-            nonzero = (ft != pre.unsqueeze(1)) if pre is not None else (ft != 0)
-            nonzero = nonzero.flatten(1).any(dim=1)
-            if not bool(nonzero.all()):
-                for i in torch.nonzero(~nonzero).flatten().tolist():
-                    report.zero_delta.append(chunk_keys[i])
-                    if on_zero_delta is not None:
-                        on_zero_delta(chunk_keys[i], pre[i] if pre is not None else torch.zeros_like(ft[i, 0]))
-                ft, pre = ft[nonzero], (pre[nonzero] if pre is not None else None)
-                chunk_keys = [key for key, nz in zip(chunk_keys, nonzero.tolist()) if nz]
-            if chunk_keys:
-                u, sigma, v = backend.task_factors(ft, pre, k)
-                yield Chunk(chunk_keys, k, out_dtype, pre, u, sigma, v)
-            bar.update(len(keys[start:start + chunk_len]))
+            nonzero = [i for i, key in enumerate(chunk_keys) if not _all_tasks_zero(pretrained, finetuned, key)]
+            for i in sorted(set(range(len(chunk_keys))) - set(nonzero)):
+                report.zero_delta.append(chunk_keys[i])
+                if on_zero_delta is not None:
+                    base = pre[i] if pre is not None else torch.zeros(shape, dtype=out_dtype, device=device)
+                    on_zero_delta(chunk_keys[i], base)
+            if nonzero:
+                live = [chunk_keys[i] for i in nonzero]
+                pre_live = pre[nonzero] if pre is not None and len(nonzero) < len(chunk_keys) else pre
+                parts = []
+                for t0 in range(0, num_tasks, tasks_per_batch):
+                    ft = torch.stack([torch.stack([_load_checked(c, key, device)
+                                                   for c in finetuned[t0:t0 + tasks_per_batch]]) for key in live])
+                    parts.append(backend.task_factors(ft, pre_live, k))
+                    del ft
+                u, sigma, v = (torch.cat(p, dim=1) if len(parts) > 1 else p[0] for p in zip(*parts))
+                yield Chunk(live, k, out_dtype, pre_live, u, sigma, v)
+            bar.update(len(chunk_keys))
     bar.close()
+
+
+def _all_tasks_zero(pretrained: Checkpoint | None, finetuned: Sequence[Checkpoint], key: str) -> bool:
+    """True when every fine-tune equals the pretrained tensor (or every task vector is zero)."""
+    if pretrained is None:
+        return all(not bool(c.load(key).any()) for c in finetuned)
+    base = pretrained.load(key)
+    return all(torch.equal(c.load(key), base) for c in finetuned)
 
 
 def _progress(total: int, enabled: bool, unit: str):
