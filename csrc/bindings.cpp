@@ -1,0 +1,44 @@
+// Python bindings of tsv_fast._C. The only translation unit that includes torch/extension.h
+// (the slow header), so the solver files stay quick to compile.
+#include <torch/extension.h>
+
+#include "cusolver_common.h"
+
+namespace tsv {
+std::vector<at::Tensor> batched_svd(const at::Tensor& A, int64_t k, const std::string& method,
+                                    bool check, bool compute_residual, int64_t oversample,
+                                    int64_t niters);
+std::vector<at::Tensor> batched_eigh(const at::Tensor& A, const std::string& method, bool lower,
+                                     bool check);
+bool has_xsyev_batched();
+}  // namespace tsv
+
+namespace {
+int runtime_cusolver_version() {
+  int v = 0;
+  TSV_CUSOLVER_CHECK(cusolverGetVersion(&v));
+  return v;
+}
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "tsv_fast._C: batched top-k SVD and symmetric eigensolvers from cuSOLVER";
+  m.def("batched_svd", &tsv::batched_svd,
+        "Top-k SVD of A [B, m, n] (float32/float64, CUDA). Returns [U (B, m, k), S (B, k), "
+        "V (B, n, k), info (B,) int32, residual (B,) float64 on the host (gesvda only)]. "
+        "method: 'auto' | 'gesvda' | 'gesvdj_batched' (<= 32 x 32) | 'gesvdj' | 'gesvd' | "
+        "'gesvdr' (randomized: k + oversample columns, niters power iterations).",
+        py::arg("A"), py::arg("k"), py::arg("method") = "auto", py::arg("check") = true,
+        py::arg("compute_residual") = true, py::arg("oversample") = -1, py::arg("niters") = 10);
+  m.def("batched_eigh", &tsv::batched_eigh,
+        "Eigendecomposition of symmetric A [B, n, n] (float32/float64, CUDA). Returns "
+        "[eigenvalues (B, n) ascending, eigenvectors (B, n, n), info (B,) int32]. "
+        "method: 'auto' | 'syevj_batched' (n <= 32) | 'syev_batched' | 'syevd'.",
+        py::arg("A"), py::arg("method") = "auto", py::arg("lower") = true,
+        py::arg("check") = true);
+  m.def("has_xsyev_batched", &tsv::has_xsyev_batched,
+        "Whether cusolverDnXsyevBatched was available at build time");
+  m.def("cusolver_version", &runtime_cusolver_version,
+        "cuSOLVER version of the library loaded at run time (major*1000 + minor*100 + patch)");
+  m.attr("CUSOLVER_BUILD_VERSION") = py::int_(CUSOLVER_VERSION);
+}

@@ -1,0 +1,326 @@
+"""The cuSOLVER extension (tsv_fast._C) and its backend.
+
+GPU tests need CUDA and the built extension and skip otherwise, saying which. CPU tests cover
+what can be checked anywhere: the unavailability reasons, input validation before the extension
+is touched, and setup.py's build decisions.
+"""
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tsv_fast.backends import cusolver as cs
+from tsv_fast.testing import assert_rel_close
+
+ROOT = Path(__file__).resolve().parents[1]
+HAS_CUDA = torch.cuda.is_available()
+EXT_REASON = cs.extension_unavailable_reason() if HAS_CUDA else "no CUDA device"
+needs_ext = pytest.mark.skipif(not HAS_CUDA or EXT_REASON is not None,
+                               reason=f"needs CUDA and the built tsv_fast._C ({EXT_REASON})")
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs with a prescribed spectrum: a clear gap after k so the top-k subspace is well defined.
+def gapped(batch, m, n, k, *, dtype=torch.float64, device="cuda", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    r = min(m, n)
+    mats = []
+    for _ in range(batch):
+        u, _ = torch.linalg.qr(torch.randn(m, r, generator=g, dtype=torch.float64))
+        v, _ = torch.linalg.qr(torch.randn(n, r, generator=g, dtype=torch.float64))
+        s = torch.cat([torch.linspace(2.0, 1.0, k, dtype=torch.float64),
+                       torch.linspace(0.3, 0.01, r - k, dtype=torch.float64)])
+        mats.append((u * s) @ v.T)
+    return torch.stack(mats).to(device=device, dtype=dtype)
+
+
+def topk_ref(A, k):
+    U, S, Vh = torch.linalg.svd(A.double(), full_matrices=False)
+    return U[..., :k], S[..., :k], Vh[..., :k, :].mT
+
+
+def recon(U, S, V):
+    return (U * S.unsqueeze(-2)) @ V.mT
+
+
+def sym(batch, n, *, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(batch, n, n, generator=g, dtype=torch.float64))
+    evals = torch.linspace(-1.0, 3.0, n, dtype=torch.float64)  # distinct, well separated
+    return ((q * evals) @ q.mT).to(device="cuda", dtype=dtype)
+
+
+# gesvda is documented as approximate (an eigensolve of AᵀA): a looser float64 bound for it.
+# gesvdr is randomized: with a block of 2k, 10 power iterations and the gap 1 -> 0.3 of these
+# inputs it converges far below 1e-8.
+TOL64 = {"gesvda": 1e-6, "auto": 1e-9, "gesvdj_batched": 1e-9, "gesvdj": 1e-9, "gesvd": 1e-9,
+         "gesvdr": 1e-8}
+
+SVD_CASES = [  # (batch, m, n, k, method)
+    (5, 40, 24, 6, "gesvda"),
+    (3, 24, 40, 6, "gesvda"),    # wide: transposed onto the tall path
+    (4, 17, 13, 5, "gesvdj_batched"),
+    (4, 13, 17, 5, "gesvdj_batched"),
+    (4, 32, 32, 8, "auto"),
+    (3, 50, 30, 7, "gesvdj"),
+    (3, 30, 50, 7, "gesvdj"),
+    (3, 50, 30, 7, "gesvd"),
+    (3, 30, 50, 7, "gesvd"),
+    (3, 60, 40, 6, "gesvdr"),
+    (3, 40, 60, 6, "gesvdr"),
+    (2, 96, 64, 64, "gesvda"),  # k = min(m, n)
+    (1, 1, 17, 1, "gesvdj"),
+]
+
+
+# ------------------------------------------------------------------------------- GPU: SVD
+@pytest.mark.gpu
+@needs_ext
+@pytest.mark.parametrize("batch,m,n,k,method", SVD_CASES)
+def test_svd_float64_parity(batch, m, n, k, method):
+    A = gapped(batch, m, n, k, seed=m * n + k)
+    A_before = A.clone()
+    U, S, V = cs.batched_topk_svd(A, k, method)
+    assert U.shape == (batch, m, k) and S.shape == (batch, k) and V.shape == (batch, n, k)
+    Ur, Sr, Vr = topk_ref(A, k)
+    name = f"{method} {batch}x{m}x{n} k={k}"
+    tol = TOL64[method]
+    assert_rel_close(f"{name} singular values", S, Sr, tol)
+    assert_rel_close(f"{name} rank-k reconstruction", recon(U, S, V), recon(Ur, Sr, Vr), tol)
+    assert_rel_close(f"{name} left projector", U @ U.mT, Ur @ Ur.mT, tol)
+    assert_rel_close(f"{name} right projector", V @ V.mT, Vr @ Vr.mT, tol)
+    assert torch.equal(A, A_before), f"{name}: the input was modified"
+
+
+@pytest.mark.gpu
+@needs_ext
+@pytest.mark.parametrize("method", ["gesvda", "gesvdj", "gesvd", "gesvdr"])
+def test_svd_float32(method):
+    A = gapped(4, 64, 48, 8, seed=3)
+    U, S, V = cs.batched_topk_svd(A.float(), 8, method)
+    assert U.dtype == S.dtype == V.dtype == torch.float32
+    Ur, Sr, Vr = topk_ref(A, 8)
+    assert_rel_close(f"{method} fp32 reconstruction", recon(U, S, V), recon(Ur, Sr, Vr), 1e-4)
+
+
+@pytest.mark.gpu
+@needs_ext
+@pytest.mark.parametrize("layout", ["column_major", "sliced", "leading_dims"])
+def test_svd_layouts(layout):
+    base = gapped(6, 40, 24, 5, seed=11)
+    if layout == "column_major":  # a transposed view: no copy needed by the extension
+        A = base.mT.contiguous().mT
+    elif layout == "sliced":  # non-contiguous: a slice of a larger buffer
+        big = torch.full((6, 40, 30), float("nan"), dtype=torch.float64, device="cuda")
+        big[..., :24] = base
+        A = big[..., :24]
+    else:
+        A = base.view(2, 3, 40, 24)
+    U, S, V = cs.batched_topk_svd(A, 5, "gesvda")
+    Ur, Sr, Vr = topk_ref(base, 5)
+    got = recon(U, S, V).reshape(6, 40, 24)
+    assert_rel_close(f"{layout} reconstruction", got, recon(Ur, Sr, Vr), TOL64["gesvda"])
+
+
+@pytest.mark.gpu
+@needs_ext
+def test_svd_raw_extension_returns_info_and_residuals():
+    ext = cs._ext()
+    A = gapped(3, 40, 24, 24, seed=5)
+    U, S, V, info, residual = ext.batched_svd(A, 24, "gesvda", True, True)
+    assert info.device.type == "cuda" and info.dtype == torch.int32 and int(info.abs().sum()) == 0
+    assert residual.shape == (3,) and residual.device.type == "cpu"
+    # k = min(m, n): every notion of residual is ~0 relative to ‖A‖
+    norm = torch.linalg.matrix_norm(A).cpu()
+    assert bool((residual <= 1e-6 * norm).all()), f"residuals {residual} vs ‖A‖ {norm}"
+
+
+# ------------------------------------------------------------------------------- GPU: eigh
+@pytest.mark.gpu
+@needs_ext
+@pytest.mark.parametrize("n", [5, 32, 33, 100])
+@pytest.mark.parametrize("method", ["auto", "syevj_batched", "syev_batched", "syevd"])
+def test_eigh_float64_parity(n, method):
+    if method == "syevj_batched" and n > 32:
+        pytest.skip("syevjBatched is for n <= 32")
+    if method == "syev_batched" and not cs._ext().has_xsyev_batched():
+        pytest.skip("built without cusolverDnXsyevBatched (CUDA < 12.6u2)")
+    A = sym(4, n, seed=n)
+    # Garbage in the strict upper triangle: only the lower one may be read, like torch.
+    A_lower_only = A.tril() + torch.triu(torch.full_like(A, 7.0), diagonal=1)
+    w, Z = cs.batched_eigh(A_lower_only, method)
+    wr, Zr = torch.linalg.eigh(A_lower_only)
+    assert_rel_close(f"{method} n={n} eigenvalues", w, wr, 1e-12)
+    assert_rel_close(f"{method} n={n} reconstruction", (Z * w.unsqueeze(-2)) @ Z.mT, A, 1e-12)
+    assert_rel_close(f"{method} n={n} orthonormality", Z.mT @ Z,
+                     torch.eye(n, dtype=A.dtype, device=A.device).expand_as(A), 1e-12)
+
+
+@pytest.mark.gpu
+@needs_ext
+def test_eigh_float32_and_leading_dims():
+    A = sym(6, 48, seed=1).view(2, 3, 48, 48)
+    w, Z = cs.batched_eigh(A.float())
+    assert w.shape == (2, 3, 48) and Z.shape == (2, 3, 48, 48) and w.dtype == torch.float32
+    assert_rel_close("fp32 eigenvalues", w, torch.linalg.eigh(A).eigenvalues, 1e-5)
+
+
+# ------------------------------------------------------------------------------- GPU: errors
+@pytest.mark.gpu
+@needs_ext
+def test_bad_inputs_raise_readable_errors():
+    A = gapped(2, 40, 40, 4)
+    with pytest.raises(ValueError, match="CUDA tensor"):
+        cs.batched_topk_svd(A.cpu(), 4)
+    with pytest.raises(TypeError, match="float32 or float64"):
+        cs.batched_topk_svd(A.half(), 4)
+    with pytest.raises(ValueError, match="k must satisfy"):
+        cs.batched_topk_svd(A, 41)
+    with pytest.raises(ValueError, match="square"):
+        cs.batched_eigh(A[:, :, :39])
+    ext = cs._ext()
+    with pytest.raises(RuntimeError, match="up to 32 x 32"):
+        ext.batched_svd(A, 4, "gesvdj_batched", True, True)
+    with pytest.raises(RuntimeError, match="unknown method"):
+        ext.batched_eigh(A, "nope", True, True)
+    with pytest.raises(RuntimeError, match=r"expected a batch of matrices \[B, m, n\]"):
+        ext.batched_svd(A[0], 4, "auto", True, True)
+    with pytest.raises(RuntimeError, match="expected float32 or float64"):
+        ext.batched_eigh(A.to(torch.bfloat16), "auto", True, True)
+
+
+# ------------------------------------------------------------------------------- GPU: backend
+@pytest.mark.gpu
+@needs_ext
+@pytest.mark.parametrize("route", ["gram", "svd"])
+def test_backend_task_factors_match_torch_backend(route):
+    from tsv_fast.backends import TorchBackend, resolve_backend
+
+    backend = resolve_backend("cusolver", "cuda")
+    backend.factor_route = route
+    L, T, m, n, k = 2, 3, 48, 40, 6
+    pre = torch.randn(L, m, n, dtype=torch.float64, device="cuda")
+    ft = pre.unsqueeze(1) + gapped(L * T, m, n, k, seed=7).view(L, T, m, n)
+    got = recon(*backend.task_factors(ft, pre, k))
+    want = recon(*TorchBackend().task_factors(ft, pre, k))
+    assert_rel_close(f"task_factors route={route}", got, want, 1e-9 if route == "gram" else TOL64["gesvda"])
+    stack = torch.randn(L, m, 12, dtype=torch.float64, device="cuda")
+    x_got, _, ev_got = backend.orthogonalize(stack)
+    x_want, _, ev_want = TorchBackend().orthogonalize(stack)
+    assert_rel_close("orthogonalize", x_got, x_want, 1e-10)
+    assert_rel_close("orthogonalize Gram eigenvalues", ev_got, ev_want, 1e-12)
+
+
+# ------------------------------------------------------------------------------- CPU
+def test_backend_reports_why_unavailable_on_cpu():
+    reasons = cs.CusolverBackend().unavailable_reasons(torch.device("cpu"))
+    assert any("needs a CUDA device" in r for r in reasons), reasons
+    assert all(r.startswith("cusolver: ") for r in reasons), reasons
+    if not cs.build_info().get("built"):
+        assert any("tsv_fast._C" in r for r in reasons), reasons
+    reasons = cs.CusolverBackend().unavailable_reasons(torch.device("cpu"), torch.float16)
+    assert any("float32/float64" in r for r in reasons), reasons
+
+
+def test_explicit_cusolver_backend_on_cpu_raises_with_reasons():
+    from tsv_fast.backends import resolve_backend
+
+    with pytest.raises(RuntimeError, match="backend 'cusolver' cannot run on cpu: cusolver: needs a CUDA device"):
+        resolve_backend("cusolver", "cpu")
+
+
+@pytest.mark.skipif(HAS_CUDA and EXT_REASON is None, reason="the extension is available here")
+def test_calling_the_missing_extension_names_the_reason():
+    with pytest.raises(RuntimeError, match="cusolver backend unavailable: tsv_fast._C"):
+        cs._ext()
+
+
+def test_inputs_are_validated_before_the_extension_is_needed():
+    A = torch.zeros(2, 8, 6, dtype=torch.float64)
+    with pytest.raises(ValueError, match="expected a CUDA tensor, got one on cpu"):
+        cs.batched_topk_svd(A, 2)
+    with pytest.raises(ValueError, match="expected a CUDA tensor"):
+        cs.batched_eigh(torch.zeros(2, 4, 4))
+    with pytest.raises(ValueError, match="expected matrices"):
+        cs.batched_topk_svd(torch.zeros(3), 1)
+
+
+def test_importing_the_backend_does_not_load_the_extension():
+    code = ("import sys, torch\n"
+            "import tsv_fast.backends.cusolver as cs\n"
+            "assert 'tsv_fast._C' not in sys.modules\n"
+            "cs.CusolverBackend().unavailable_reasons(torch.device('cpu'))\n"
+            "assert 'tsv_fast._C' not in sys.modules\n"
+            "assert not torch.cuda.is_initialized()\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                            cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+
+
+# ------------------------------------------------------------------------------- setup.py
+def load_setup(monkeypatch, **env):
+    """Import setup.py as a module (without running setup()) under the given environment."""
+    for name in ("TSV_FAST_SKIP_CUDA_BUILD", "TSV_FAST_FORCE_CUDA_BUILD"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    spec = importlib.util.spec_from_file_location("tsv_fast_setup_under_test", ROOT / "setup.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_setup_skip_switch(monkeypatch):
+    setup = load_setup(monkeypatch, TSV_FAST_SKIP_CUDA_BUILD="1")
+    kwargs, info = setup.plan_cuda_build()
+    assert kwargs is None and info["built"] is False
+    assert "TSV_FAST_SKIP_CUDA_BUILD=1" in info["reason"]
+
+
+@pytest.mark.skipif(torch.version.cuda is not None, reason="needs a CPU-only torch")
+def test_setup_skips_on_cpu_torch_and_force_fails(monkeypatch):
+    setup = load_setup(monkeypatch)
+    kwargs, info = setup.plan_cuda_build()
+    assert kwargs is None and "CPU-only build" in info["reason"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TSV_FAST_")}
+    env["TSV_FAST_FORCE_CUDA_BUILD"] = "1"
+    result = subprocess.run([sys.executable, "setup.py", "--name"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "TSV_FAST_FORCE_CUDA_BUILD=1 but tsv_fast._C cannot be built" in result.stderr
+    assert "CPU-only build" in result.stderr
+
+
+def test_setup_finds_cusolver_headers_in_wheel_layouts(monkeypatch, tmp_path):
+    setup = load_setup(monkeypatch)
+    # CUDA 13 wheels: nvidia/cu13/{include,lib}; only a versioned soname is shipped.
+    cu13 = tmp_path / "site13" / "nvidia" / "cu13"
+    (cu13 / "include").mkdir(parents=True)
+    (cu13 / "lib").mkdir()
+    for header in ("cusolverDn.h", "cublas_v2.h"):
+        (cu13 / "include" / header).write_text("")
+    (cu13 / "lib" / "libcusolver.so.12").write_text("")
+    monkeypatch.setattr(setup, "_site_dirs", lambda: [str(tmp_path / "site13")])
+    include_dirs, library_dirs, link_args = setup.find_cusolver(cuda_home=str(tmp_path / "no_toolkit"))
+    assert include_dirs == [str(cu13 / "include")]
+    assert library_dirs == [str(cu13 / "lib")]
+    assert "-l:libcusolver.so.12" in link_args
+
+    # CUDA 12 wheels: nvidia/cusolver and nvidia/cublas side by side.
+    nv = tmp_path / "site12" / "nvidia"
+    for pkg, header in (("cusolver", "cusolverDn.h"), ("cublas", "cublas_v2.h")):
+        (nv / pkg / "include").mkdir(parents=True)
+        (nv / pkg / "include" / header).write_text("")
+    (nv / "cusolver" / "lib").mkdir()
+    (nv / "cusolver" / "lib" / "libcusolver.so.11").write_text("")
+    monkeypatch.setattr(setup, "_site_dirs", lambda: [str(tmp_path / "site12")])
+    include_dirs, _, link_args = setup.find_cusolver(cuda_home=None)
+    assert set(include_dirs) == {str(nv / "cusolver" / "include"), str(nv / "cublas" / "include")}
+    assert "-l:libcusolver.so.11" in link_args
+
+    monkeypatch.setattr(setup, "_site_dirs", lambda: [str(tmp_path / "empty")])
+    assert setup.find_cusolver(cuda_home=None) is None
