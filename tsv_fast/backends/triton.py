@@ -1,0 +1,133 @@
+"""The Triton backend: the torch route with its GEMM-shaped steps replaced by fused kernels.
+
+Replaced (tsv_fast.kernels): the per-task Gram (Δ = W_ft - W_pre formed in registers, float64
+accumulation), the stack Grams (float64), STI (product never stored) and the reconstruction
+(GEMM + α + base + cast in one write). Kept from TorchBackend: the eigensolvers (torch.linalg.eigh
+in float64), the small G^(-1/2) products and the bookkeeping.
+
+Precision choices (DESIGN.md §2):
+* task Gram: float64 accumulation. The Gram squares κ(Δ) and feeds a float64 eigensolver; an fp32
+  Gram (even IEEE) loses the tail of a decaying spectrum. The kernel reads bf16/fp16/fp32 weights
+  and converts in registers, so the fp64 cost is in the MMAs only, never in memory traffic.
+* stack Grams and STI: float64, like the torch backend (the stacks reach κ ≈ 1e7).
+* reconstruction: the engine's compute dtype (A, B are float32 by default, float64 on request);
+  float32 uses IEEE products by default (``gemm_precision="ieee"``); ``"tf32x3"`` (env
+  ``TSV_FAST_TRITON_GEMM=tf32x3``) is faster on tensor cores with near-fp32 accuracy, to adopt
+  once the H100 benchmarks and the GPU parity tests confirm it. Plain TF32 is never used.
+
+On CPU the backend serves only under ``TRITON_INTERPRET=1`` (for tests; very slow).
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ..reference import ZERO_RTOL
+from .torch_backend import F64, TorchBackend
+
+
+def kernels_package():
+    """The ``tsv_fast.kernels`` package (imports nothing heavy). From a source checkout (not
+    installed) the repository's ``kernels/`` directory is registered under that name, so tests and
+    benchmarks run without ``pip install -e``."""
+    if "tsv_fast.kernels" not in sys.modules:
+        try:
+            importlib.import_module("tsv_fast.kernels")
+        except ModuleNotFoundError:
+            init = Path(__file__).resolve().parents[2] / "kernels" / "__init__.py"
+            if not init.is_file():
+                raise
+            spec = importlib.util.spec_from_file_location("tsv_fast.kernels", init,
+                                                          submodule_search_locations=[str(init.parent)])
+            package = importlib.util.module_from_spec(spec)
+            sys.modules["tsv_fast.kernels"] = package
+            spec.loader.exec_module(package)
+    return sys.modules["tsv_fast.kernels"]
+
+
+def kernel_module(op: str):
+    """``tsv_fast.kernels.<op>`` (imports triton and decorates the op's kernels)."""
+    kernels_package()
+    return importlib.import_module(f"tsv_fast.kernels.{op}")
+
+
+class TritonBackend(TorchBackend):
+    name = "triton"
+
+    def __init__(self, gemm_precision: str | None = None) -> None:
+        self.gemm_precision = gemm_precision or os.environ.get("TSV_FAST_TRITON_GEMM", "ieee")
+        if self.gemm_precision not in ("ieee", "tf32x3"):
+            raise ValueError(f"gemm_precision must be 'ieee' or 'tf32x3', got {self.gemm_precision!r}")
+
+    def unavailable_reasons(self, device: torch.device) -> list[str]:
+        reasons = []
+        if importlib.util.find_spec("triton") is None:
+            reasons.append("triton: the triton package is not installed (pip install triton)")
+        device = torch.device(device)
+        interpret = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0", "false", "False")
+        if device.type == "cpu":
+            if not interpret:
+                reasons.append("triton: device is CPU and TRITON_INTERPRET != '1' (the interpreter is for tests only)")
+        elif device.type == "cuda":
+            if not torch.cuda.is_available():
+                reasons.append("triton: CUDA device requested but torch.cuda.is_available() is False")
+            elif torch.version.hip is None and torch.cuda.get_device_capability(device)[0] < 7:
+                reasons.append("triton: needs compute capability >= 7.0")
+        else:
+            reasons.append(f"triton: device type {device.type!r} is not supported "
+                           f"(cuda, or cpu under TRITON_INTERPRET=1)")
+        return reasons
+
+    # -- building blocks ---------------------------------------------------------------------------
+    def task_gram(self, delta: Tensor) -> Tensor:
+        """[..., m, n] with m >= n -> ΔᵀΔ [..., n, n] float64 (fused kernel, fp64 accumulation)."""
+        return kernel_module("task_gram").task_gram(delta, out_dtype=F64)
+
+    def stack_gram(self, stack: Tensor) -> Tensor:
+        return kernel_module("stack_gram").stack_gram(stack, out_dtype=F64)
+
+    # -- the ops of the merge ----------------------------------------------------------------------
+    def task_factors(self, finetuned: Tensor, pretrained: Tensor | None, k: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Top-k triplets of every Δ = finetuned - pretrained from its fused float64 Gram.
+
+        finetuned [L, T, m, n], pretrained [L, m, n] or None -> U [L,T,m,k], σ [L,T,k], V [L,T,n,k].
+        Same math as TorchBackend.task_factors, but the Gram reads the checkpoints directly (Δ is
+        never stored) and the products Δ·V are formed one task at a time, so the float64 copy of
+        Δ is [L, m, n] instead of [L, T, m, n].
+        """
+        gram = kernel_module("task_gram").task_gram(finetuned, pretrained, out_dtype=F64)
+        wide = finetuned.shape[-2] < finetuned.shape[-1]
+        evals, evecs = self.eigh(gram)
+        right = evecs[..., -k:].flip(-1)  # [L, T, side, k]: eigenvectors of the smaller-side Gram
+        left = torch.empty(*finetuned.shape[:2], max(finetuned.shape[-2:]), k, dtype=F64, device=finetuned.device)
+        for t in range(finetuned.shape[1]):
+            delta = finetuned[:, t].to(F64)
+            if pretrained is not None:
+                delta = delta - pretrained.to(F64)
+            if wide:
+                delta = delta.mT
+            torch.matmul(delta, right[:, t], out=left[:, t])
+        # σ from the column norms of ΔV: accurate even where the eigenvalue σ² is tiny
+        sigma = torch.linalg.vector_norm(left, dim=-2)
+        keep = sigma > ZERO_RTOL * sigma.amax(dim=-1, keepdim=True)
+        sigma = sigma * keep
+        left = left * torch.where(keep, 1.0 / sigma.clamp_min(torch.finfo(F64).tiny), 0.0).unsqueeze(-2)
+        right = right * keep.unsqueeze(-2)
+        if wide:
+            left, right = right, left
+        return left, sigma, right
+
+    def sti(self, gram_u: Tensor, sigma: Tensor, gram_v: Tensor) -> Tensor:
+        return kernel_module("sti").sti(gram_u, sigma.to(gram_u.dtype), gram_v.to(gram_u.dtype))
+
+    def reconstruct(self, base: Tensor | None, a: Tensor, b: Tensor, alpha: float,
+                    out_dtype: torch.dtype) -> Tensor:
+        precision = self.gemm_precision if a.dtype == torch.float32 else None
+        return kernel_module("reconstruct").reconstruct(base, a, b.to(a.dtype), alpha=alpha, out_dtype=out_dtype,
+                                                        input_precision=precision)
