@@ -56,12 +56,12 @@ def task_gram_ref(finetuned: Tensor, pretrained: Tensor | None = None, *,
                   out_dtype: torch.dtype = torch.float64) -> Tensor:
     """Per-task Gram on the smaller side of Δ = finetuned - pretrained.
 
-    finetuned: [T, m, n]; pretrained: [m, n] or None (then finetuned already holds Δ).
-    Returns [T, n, n] = ΔᵀΔ when m >= n, else [T, m, m] = ΔΔᵀ, accumulated in ``out_dtype``.
+    finetuned: [..., T, m, n]; pretrained: [..., m, n] or None (then finetuned already holds Δ).
+    Returns [..., T, n, n] = ΔᵀΔ when m >= n, else [..., T, m, m] = ΔΔᵀ, accumulated in ``out_dtype``.
     """
     delta = finetuned.to(out_dtype)
     if pretrained is not None:
-        delta = delta - pretrained.to(out_dtype)
+        delta = delta - pretrained.to(out_dtype).unsqueeze(-3)
     if delta.shape[-2] >= delta.shape[-1]:
         return delta.mT @ delta
     return delta @ delta.mT

@@ -21,6 +21,21 @@ except ImportError:  # pragma: no cover - scipy is a declared dependency
     _scipy_eigh = None
 
 
+def factors_from_projection(left: Tensor, right: Tensor, wide: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(U, σ, V) from ΔV and V, where V holds the top eigenvectors of the smaller-side Gram.
+
+    σ comes from the column norms of ΔV, accurate even where the eigenvalue σ² is tiny; numerically
+    zero triplets (σ <= ZERO_RTOL · σ₁ of their task) become zero columns with σ = 0. For a wide Δ
+    the roles were swapped (Gram ΔΔᵀ), so they are swapped back.
+    """
+    sigma = torch.linalg.vector_norm(left, dim=-2)
+    keep = sigma > ZERO_RTOL * sigma.amax(dim=-1, keepdim=True)
+    sigma = sigma * keep
+    left = left * torch.where(keep, 1.0 / sigma.clamp_min(torch.finfo(F64).tiny), 0.0).unsqueeze(-2)
+    right = right * keep.unsqueeze(-2)
+    return (right, sigma, left) if wide else (left, sigma, right)
+
+
 class Backend:
     """Interface of a compute backend; see tsv_fast.backends for the ops and their shapes."""
 
@@ -75,16 +90,7 @@ class TorchBackend(Backend):
         if wide:  # work on the smaller Gram
             delta = delta.mT
         right = self.topk_eigh(self.task_gram(delta), k)
-        left = delta @ right
-        # σ from the column norms of ΔV: accurate even where the eigenvalue σ² is tiny
-        sigma = torch.linalg.vector_norm(left, dim=-2)
-        keep = sigma > ZERO_RTOL * sigma.amax(dim=-1, keepdim=True)
-        sigma = sigma * keep
-        left = left * torch.where(keep, 1.0 / sigma.clamp_min(torch.finfo(F64).tiny), 0.0).unsqueeze(-2)
-        right = right * keep.unsqueeze(-2)
-        if wide:
-            left, right = right, left
-        return left, sigma, right
+        return factors_from_projection(delta @ right, right, wide)
 
     def orthogonalize(self, stack: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Polar factor X (XᵀX)^(-1/2) of X [L, m, K] (float64) through its K×K Gram.

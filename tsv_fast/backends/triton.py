@@ -22,38 +22,20 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
-import sys
-from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from ..reference import ZERO_RTOL
-from .torch_backend import F64, TorchBackend
+from .torch_backend import F64, TorchBackend, factors_from_projection
 
 
 def kernels_package():
-    """The ``tsv_fast.kernels`` package (imports nothing heavy). From a source checkout (not
-    installed) the repository's ``kernels/`` directory is registered under that name, so tests and
-    benchmarks run without ``pip install -e``."""
-    if "tsv_fast.kernels" not in sys.modules:
-        try:
-            importlib.import_module("tsv_fast.kernels")
-        except ModuleNotFoundError:
-            init = Path(__file__).resolve().parents[2] / "kernels" / "__init__.py"
-            if not init.is_file():
-                raise
-            spec = importlib.util.spec_from_file_location("tsv_fast.kernels", init,
-                                                          submodule_search_locations=[str(init.parent)])
-            package = importlib.util.module_from_spec(spec)
-            sys.modules["tsv_fast.kernels"] = package
-            spec.loader.exec_module(package)
-    return sys.modules["tsv_fast.kernels"]
+    """The ``tsv_fast.kernels`` package (installed from kernels/; imports nothing heavy)."""
+    return importlib.import_module("tsv_fast.kernels")
 
 
 def kernel_module(op: str):
     """``tsv_fast.kernels.<op>`` (imports triton and decorates the op's kernels)."""
-    kernels_package()
     return importlib.import_module(f"tsv_fast.kernels.{op}")
 
 
@@ -103,8 +85,7 @@ class TritonBackend(TorchBackend):
         """
         gram = kernel_module("task_gram").task_gram(finetuned, pretrained, out_dtype=F64)
         wide = finetuned.shape[-2] < finetuned.shape[-1]
-        evals, evecs = self.eigh(gram)
-        right = evecs[..., -k:].flip(-1)  # [L, T, side, k]: eigenvectors of the smaller-side Gram
+        right = self.topk_eigh(gram, k)  # [L, T, side, k]: eigenvectors of the smaller-side Gram
         left = torch.empty(*finetuned.shape[:2], max(finetuned.shape[-2:]), k, dtype=F64, device=finetuned.device)
         for t in range(finetuned.shape[1]):
             delta = finetuned[:, t].to(F64)
@@ -113,15 +94,7 @@ class TritonBackend(TorchBackend):
             if wide:
                 delta = delta.mT
             torch.matmul(delta, right[:, t], out=left[:, t])
-        # σ from the column norms of ΔV: accurate even where the eigenvalue σ² is tiny
-        sigma = torch.linalg.vector_norm(left, dim=-2)
-        keep = sigma > ZERO_RTOL * sigma.amax(dim=-1, keepdim=True)
-        sigma = sigma * keep
-        left = left * torch.where(keep, 1.0 / sigma.clamp_min(torch.finfo(F64).tiny), 0.0).unsqueeze(-2)
-        right = right * keep.unsqueeze(-2)
-        if wide:
-            left, right = right, left
-        return left, sigma, right
+        return factors_from_projection(left, right, wide)
 
     def sti(self, gram_u: Tensor, sigma: Tensor, gram_v: Tensor) -> Tensor:
         return kernel_module("sti").sti(gram_u, sigma.to(gram_u.dtype), gram_v.to(gram_u.dtype))
