@@ -140,3 +140,24 @@ def test_rank_overrides_per_layer():
     want = reference.fast_tsv_merge(tvs, compute_dtype=torch.float64, rank_fraction=3 / 20)
     assert_rel_close("override k=3", got["a.w"], want["a.w"], FLOAT64_BOUND)
     assert torch.linalg.matrix_rank(got["a.w"]) == 6
+
+
+def test_zero_layers_and_errors_through_the_read_ahead_and_task_batches():
+    from tsv_fast.checkpoint import DictCheckpoint
+    from tsv_fast.merge import Options, run_merge
+
+    pre, fts = make_models(num_tasks=4, shape=(24, 16))
+    pre["frozen.w"] = torch.randn(24, 16)
+    for ft in fts:
+        ft["frozen.w"] = pre["frozen.w"].clone()
+    per_matrix = 24 * 16 * 8 * 3
+    for budget in (per_matrix, 1 << 30):  # one task at a time, or everything in one chunk
+        options = Options(max_chunk_bytes=budget)
+        merged, report = run_merge(DictCheckpoint(pre), [DictCheckpoint(ft) for ft in fts], options)
+        assert report.zero_delta == ["frozen.w"]
+        assert torch.equal(merged["frozen.w"], pre["frozen.w"])
+        want = reference.tsv_merge(pre, fts)
+        assert_rel_close(f"budget {budget}", merged["layer.0.w"], want["layer.0.w"], 1e-5)
+    fts[3]["frozen.w"][0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"'frozen.w' of fine-tuned checkpoint 3 contains NaN"):
+        tsv_fast.tsv_merge(pre, fts)

@@ -132,13 +132,13 @@ def make_plan(pretrained: Checkpoint | None, finetuned: Sequence[Checkpoint], op
     return Plan(reference, groups, averaged, zero_rank)
 
 
-def _load_checked(ckpt: Checkpoint, key: str, device: torch.device) -> Tensor:
+def _load_checked(ckpt: Checkpoint, key: str, device: torch.device | None = None) -> Tensor:
     tensor = ckpt.load(key)
     # a float32 sum is one fast pass and is finite for finite weights; confirm before failing
     if (tensor.is_floating_point() and not bool(torch.isfinite(tensor.sum(dtype=torch.float32)))
             and not bool(torch.isfinite(tensor).all())):
         raise ValueError(f"key {key!r} of {ckpt.name} contains NaN or Inf")
-    return tensor.to(device, non_blocking=True)
+    return tensor if device is None else tensor.to(device, non_blocking=True)
 
 
 def _device_of(options: Options, plan: Plan) -> torch.device:
@@ -159,44 +159,105 @@ class Chunk:
     v: Tensor                # [L, T, n, k] float64
 
 
+@dataclass
+class _Job:
+    """One load of the pipeline: the T_b task slices (tasks t0 .. t0+T_b) of some same-shape layers."""
+
+    keys: list[str]
+    shape: tuple[int, ...]
+    k: int
+    out_dtype: torch.dtype
+    t0: int
+    t1: int
+    last: bool  # the job that completes these layers' tasks
+
+
+def _jobs(plan: Plan, num_tasks: int, budget: int) -> Iterator[_Job]:
+    """Same-shape layers batched while L × T matrices fit ``budget``; a layer too large for it has
+    its tasks split into batches, so memory never scales with T × the model."""
+    for (shape, k, out_dtype), keys in plan.groups.items():
+        per_matrix = math.prod(shape) * 8 * 3  # float64 Δ, its Gram and product buffers
+        layers = max(1, budget // (per_matrix * num_tasks))
+        tasks = min(num_tasks, max(1, budget // per_matrix))
+        for start in range(0, len(keys), layers):
+            for t0 in range(0, num_tasks, tasks):
+                t1 = min(num_tasks, t0 + tasks)
+                yield _Job(keys[start:start + layers], shape, k, out_dtype, t0, t1, t1 == num_tasks)
+
+
+def _stack_to(tensors: list[Tensor], device: torch.device) -> Tensor:
+    stacked = torch.stack(tensors)
+    if device.type == "cuda" and stacked.device.type == "cpu":
+        stacked = stacked.pin_memory()  # so the host-to-device copy is asynchronous
+    return stacked.to(device, non_blocking=True)
+
+
+def _read_ahead(load, jobs: Iterator[_Job], enabled: bool) -> Iterator[tuple[_Job, object]]:
+    """(job, load(job)) in order; with ``enabled`` the next job loads in a thread during compute.
+
+    File reads, tensor copies and BLAS all release the GIL, so loading overlaps the factor work;
+    at most two jobs' inputs are held at once.
+    """
+    if not enabled:
+        for job in jobs:
+            yield job, load(job)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tsv-fast-load") as pool:
+        pending = None
+        for job in jobs:
+            submitted = (job, pool.submit(load, job))
+            if pending is not None:
+                yield pending[0], pending[1].result()
+            pending = submitted
+        if pending is not None:
+            yield pending[0], pending[1].result()
+
+
 def factor_chunks(pretrained: Checkpoint | None, finetuned: Sequence[Checkpoint], plan: Plan,
                   options: Options, backend: Backend, report: Report,
                   on_zero_delta=None) -> Iterator[Chunk]:
-    """Top-k factors of every matrix key, grouped by shape, within ``options.max_chunk_bytes``.
+    """Top-k factors of every matrix key, chunk by chunk, within ``options.max_chunk_bytes``.
 
-    Same-shape layers are batched while a chunk of L layers × T tasks fits the budget; a layer too
-    large for it has its tasks factored in batches, so memory never scales with T × the model.
-    Layers whose T task matrices are all zero skip the factor work.
+    Layers whose T task matrices are all zero skip the factor work (a frozen embedding costs the
+    published code T full SVDs for nothing).
     """
     device = _device_of(options, plan)
     num_tasks = len(finetuned)
+
+    def load(job: _Job) -> tuple[list[str], Tensor | None, Tensor]:
+        keys = job.keys
+        if job.t1 - job.t0 < num_tasks:  # tasks split in batches: decide on zeros before any work
+            keys = [key for key in keys if not _all_tasks_zero(pretrained, finetuned, key)]
+        pre = _stack_to([_load_checked(pretrained, key) for key in keys], device) if pretrained is not None and keys else None
+        ft = _stack_to([torch.stack([_load_checked(c, key) for c in finetuned[job.t0:job.t1]]) for key in keys],
+                       device) if keys else None
+        return keys, pre, ft
+
     bar = _progress(sum(len(keys) for keys in plan.groups.values()), options.progress, "layers")
-    for (shape, k, out_dtype), keys in plan.groups.items():
-        per_matrix = math.prod(shape) * 8 * 3  # float64 Δ, its Gram and product buffers
-        layers_per_chunk = max(1, options.max_chunk_bytes // (per_matrix * num_tasks))
-        tasks_per_batch = min(num_tasks, max(1, options.max_chunk_bytes // per_matrix))
-        for start in range(0, len(keys), layers_per_chunk):
-            chunk_keys = keys[start:start + layers_per_chunk]
-            pre = (torch.stack([_load_checked(pretrained, key, device) for key in chunk_keys])
-                   if pretrained is not None else None)
-            nonzero = [i for i, key in enumerate(chunk_keys) if not _all_tasks_zero(pretrained, finetuned, key)]
-            for i in sorted(set(range(len(chunk_keys))) - set(nonzero)):
-                report.zero_delta.append(chunk_keys[i])
-                if on_zero_delta is not None:
-                    base = pre[i] if pre is not None else torch.zeros(shape, dtype=out_dtype, device=device)
-                    on_zero_delta(chunk_keys[i], base)
-            if nonzero:
-                live = [chunk_keys[i] for i in nonzero]
-                pre_live = pre[nonzero] if pre is not None and len(nonzero) < len(chunk_keys) else pre
-                parts = []
-                for t0 in range(0, num_tasks, tasks_per_batch):
-                    ft = torch.stack([torch.stack([_load_checked(c, key, device)
-                                                   for c in finetuned[t0:t0 + tasks_per_batch]]) for key in live])
-                    parts.append(backend.task_factors(ft, pre_live, k))
-                    del ft
-                u, sigma, v = (torch.cat(p, dim=1) if len(parts) > 1 else p[0] for p in zip(*parts))
-                yield Chunk(live, k, out_dtype, pre_live, u, sigma, v)
-            bar.update(len(chunk_keys))
+    parts: list[tuple[Tensor, Tensor, Tensor]] = []
+    for job, (keys, pre, ft) in _read_ahead(load, _jobs(plan, num_tasks, options.max_chunk_bytes), True):
+        if job.t0 == 0:  # layers of this job that are all zero get their base and no factor work
+            if ft is not None and job.last:
+                differs = (ft != pre.unsqueeze(1)) if pre is not None else (ft != 0)
+                live = differs.flatten(1).any(dim=1).tolist()
+                keys, ft = [key for key, x in zip(keys, live) if x], ft[torch.tensor(live, device=ft.device)]
+                pre = pre[torch.tensor(live, device=pre.device)] if pre is not None else None
+            for key in job.keys:
+                if key not in keys:
+                    report.zero_delta.append(key)
+                    if on_zero_delta is not None:
+                        on_zero_delta(key, _unchanged(pretrained, finetuned, key, device))
+        if keys:
+            parts.append(backend.task_factors(ft, pre, job.k))
+        del ft
+        if job.last:
+            if parts:
+                u, sigma, v = (torch.cat(p, dim=1) if len(p) > 1 else p[0] for p in zip(*parts))
+                yield Chunk(keys, job.k, job.out_dtype, pre, u, sigma, v)
+            parts = []
+            bar.update(len(job.keys))
     bar.close()
 
 
