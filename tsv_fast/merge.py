@@ -37,7 +37,7 @@ class Options:
     compute_dtype: torch.dtype = torch.float32
     backend: str | None = None
     device: torch.device | str | None = None
-    max_chunk_bytes: int = 1 << 30
+    max_chunk_bytes: int = 256 << 20  # inputs + float64 work buffers of one chunk
     progress: bool = False
 
     def __post_init__(self) -> None:
@@ -349,8 +349,10 @@ def _averaged(pretrained: Checkpoint | None, finetuned: Sequence[Checkpoint], ke
     base = _load_checked(reference, key, device)
     if not base.is_floating_point():
         return base.clone()
-    deltas = [_load_checked(c, key, device).to(cd) for c in finetuned]
-    mean = torch.stack(deltas).mean(dim=0)
+    total = torch.zeros(base.shape, dtype=cd, device=device)
+    for c in finetuned:  # a running sum: one copy in memory, not T
+        total += _load_checked(c, key, device)
+    mean = total / len(finetuned)
     if pretrained is None:
         return (mean if alpha == 1.0 else alpha * mean).to(base.dtype)
     return (base.to(cd) + alpha * (mean - base.to(cd))).to(base.dtype)
@@ -378,7 +380,7 @@ def fast_tsv_merge(task_vectors: Sequence[Mapping[str, Tensor]], *, rank_fractio
                    exclude: Sequence[str] = ("text_projection",), backend: str = "auto",
                    device: torch.device | str | None = None, compute_dtype: torch.dtype = torch.float32,
                    min_rank: int = 0, rank_overrides: Mapping[str, float | int] | None = None,
-                   progress: bool = False, return_report: bool = False):
+                   max_chunk_bytes: int = 256 << 20, progress: bool = False, return_report: bool = False):
     """TSV-M merged task vector M, a drop-in for the authors' ``compute_and_sum_svd_mem_reduction``.
 
     Args:
@@ -390,6 +392,8 @@ def fast_tsv_merge(task_vectors: Sequence[Mapping[str, Tensor]], *, rank_fractio
         compute_dtype: torch.float32 (default; Grams and eigensolvers still run in float64) or float64.
         min_rank: lower bound on k (1 keeps layers with min(m, n) < T instead of leaving them unmerged).
         rank_overrides: {glob pattern: int rank or float fraction} per key.
+        max_chunk_bytes: memory budget of one chunk of same-shape layers (inputs and float64 work);
+            a background thread reads the next chunk meanwhile.
         return_report: also return a Report (per-layer κ(U), κ(V), numerical ranks, timings).
 
     Returns:
@@ -400,7 +404,7 @@ def fast_tsv_merge(task_vectors: Sequence[Mapping[str, Tensor]], *, rank_fractio
         >>> model.load_state_dict({k: w + merged_tv[k] for k, w in pretrained.items()})
     """
     options = Options(rank_fraction, rank_overrides, exclude, min_rank, compute_dtype, backend, device,
-                      progress=progress)
+                      max_chunk_bytes, progress)
     sources = [as_checkpoint(tv, f"task vector {i}") for i, tv in enumerate(task_vectors)]
     merged, report = run_merge(None, sources, options)
     return (merged, report) if return_report else merged
@@ -410,7 +414,8 @@ def tsv_merge(pretrained, finetuned: Sequence, *, alpha: float = 1.0, rank_fract
               exclude: Sequence[str] = ("text_projection",), backend: str = "auto",
               device: torch.device | str | None = None, compute_dtype: torch.dtype = torch.float32,
               min_rank: int = 0, rank_overrides: Mapping[str, float | int] | None = None,
-              sink: Sink | None = None, progress: bool = False, return_report: bool = False):
+              sink: Sink | None = None, max_chunk_bytes: int = 256 << 20, progress: bool = False,
+              return_report: bool = False):
     """Merged weights W_pre + α·M from a pretrained and T fine-tuned models.
 
     ``pretrained`` and each of ``finetuned`` may be a state dict, an nn.Module or a checkpoint path
@@ -419,7 +424,7 @@ def tsv_merge(pretrained, finetuned: Sequence, *, alpha: float = 1.0, rank_fract
     sharded safetensors files) and the call returns what the sink returns.
     """
     options = Options(rank_fraction, rank_overrides, exclude, min_rank, compute_dtype, backend, device,
-                      progress=progress)
+                      max_chunk_bytes, progress)
     pre = as_checkpoint(pretrained, "the pretrained checkpoint")
     sources = [as_checkpoint(ft, f"fine-tuned checkpoint {i}") for i, ft in enumerate(finetuned)]
     merged, report = run_merge(pre, sources, options, alpha=alpha, sink=sink)

@@ -83,9 +83,9 @@ class TorchBackend(Backend):
 
         finetuned [L, T, m, n], pretrained [L, m, n] or None -> U [L,T,m,k], σ [L,T,k], V [L,T,n,k].
         """
-        delta = finetuned.to(F64)
+        delta = finetuned.to(F64, copy=True)  # one float64 copy, then in place
         if pretrained is not None:
-            delta = delta - pretrained.to(F64).unsqueeze(1)
+            delta.sub_(pretrained.to(F64).unsqueeze(1))
         wide = delta.shape[-2] < delta.shape[-1]
         if wide:  # work on the smaller Gram
             delta = delta.mT
