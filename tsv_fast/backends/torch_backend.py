@@ -15,10 +15,26 @@ from ..reference import GRAM_RTOL, ZERO_RTOL, sti_ref
 
 F64 = torch.float64
 
-try:  # optional: only the k wanted eigenvectors on the CPU
+try:  # LAPACK/BLAS routines torch does not expose: k eigenvectors only, symmetric rank-k update
     from scipy.linalg import eigh as _scipy_eigh
+    from scipy.linalg.blas import dsyrk as _dsyrk
 except ImportError:  # pragma: no cover - scipy is a declared dependency
-    _scipy_eigh = None
+    _scipy_eigh = _dsyrk = None
+
+
+def gram(x: Tensor) -> Tensor:
+    """XᵀX of [..., m, n] float64. On the CPU BLAS's dsyrk computes one triangle, half the flops
+    of a GEMM (measured 0.067 s vs 0.117 s at 3072×768, one thread), then it is mirrored."""
+    if x.device.type != "cpu" or x.dtype != F64 or _dsyrk is None or x.numel() == 0:
+        return x.mT @ x
+    n = x.shape[-1]
+    flat = x.reshape(-1, *x.shape[-2:])
+    out = torch.empty(flat.shape[0], n, n, dtype=F64)
+    for i, matrix in enumerate(flat):
+        # a C-ordered [m, n] matrix is an F-ordered [n, m] one: dsyrk(trans=0) gives XᵀX, upper part
+        upper = torch.from_numpy(_dsyrk(1.0, matrix.numpy().T, trans=0, lower=0))
+        out[i] = upper.triu() + upper.triu(1).mT
+    return out.reshape(*x.shape[:-2], n, n)
 
 
 def factors_from_projection(left: Tensor, right: Tensor, wide: bool) -> tuple[Tensor, Tensor, Tensor]:
@@ -54,7 +70,7 @@ class TorchBackend(Backend):
     # -- building blocks that faster backends replace -------------------------------------------
     def task_gram(self, delta: Tensor) -> Tensor:
         """[..., m, n] float64 with m >= n -> ΔᵀΔ [..., n, n] float64."""
-        return delta.mT @ delta
+        return gram(delta)
 
     def eigh(self, gram: Tensor) -> tuple[Tensor, Tensor]:
         """Symmetric eigendecomposition, eigenvalues ascending (torch.linalg.eigh semantics)."""
@@ -75,7 +91,7 @@ class TorchBackend(Backend):
         return self.eigh(gram)[1][..., -k:].flip(-1)
 
     def stack_gram(self, stack: Tensor) -> Tensor:
-        return stack.mT @ stack
+        return gram(stack)
 
     # -- the ops of the merge ----------------------------------------------------------------------
     def task_factors(self, finetuned: Tensor, pretrained: Tensor | None, k: int) -> tuple[Tensor, Tensor, Tensor]:
