@@ -7,9 +7,8 @@ through the same sources and sink) while blocks 0-1 and the projection go throug
 """
 from __future__ import annotations
 
+import importlib.util
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -45,30 +44,15 @@ def write_checkpoints(folder: Path) -> tuple[list[Path], int, int]:
     return paths, model_bytes, largest
 
 
-# Runs a module or code in a child and prints the child's own peak RSS (VmHWM of its fresh address
-# space). ru_maxrss from wait4 would not do: Linux carries it over fork and exec from the parent.
-WRAPPER = """
-import runpy, sys
-try:
-    if sys.argv[1] == "-c":
-        code, sys.argv = sys.argv[2], ["-c", *sys.argv[3:]]
-        exec(code, {"__name__": "__main__"})
-    else:
-        sys.argv = sys.argv[1:]
-        runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
-finally:
-    hwm = [line.split()[1] for line in open("/proc/self/status") if line.startswith("VmHWM:")][0]
-    print("VmHWM_KB", hwm, flush=True)
-"""
-
-
 def measure(args: list[str]) -> tuple[str, int]:
-    """Run ``python -m MODULE ARGS`` (or ``-c CODE``) in a child; its output and peak RSS in bytes."""
+    """Run ``python -m MODULE ARGS`` (or ``-c CODE``) in a child, as bench/bench_memory.py does:
+    the tail of its output and its own peak RSS in bytes."""
+    spec = importlib.util.spec_from_file_location("tsv_bench_memory", ROOT / "bench" / "bench_memory.py")
+    bench_memory = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_memory)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    result = subprocess.run([sys.executable, "-c", WRAPPER, *args], env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, (result.stdout + result.stderr)[-2000:]
-    hwm = int(result.stdout.rsplit("VmHWM_KB", 1)[1].split()[0])
-    return result.stdout, hwm * 1024
+    run = bench_memory.run_measured(args, env)
+    return run["log_tail"], run["peak_rss_bytes"]
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc for VmHWM")
