@@ -11,6 +11,8 @@ Providers (float32 in, float32 out):
               Procrustes SVDs): the baseline every ratio is against, measured in the same run
     torch     tsv_fast.fast_tsv_merge(backend="torch")
     triton, cusolver   the same with that backend, when tsv_fast.available_backends(device) allows
+    exact     tsv_fast.fast_tsv_merge(exact=True): the authors' full-SVD route inside our streaming
+              engine (opt-in: --providers torch exact)
 
 Each row: wall time (median of --runs after warm-up, runs interleaved across providers;
 CUDA-synchronised), ratio against `authors`,
@@ -175,6 +177,8 @@ def provider_fn(provider: str, device: torch.device):
     """provider -> callable(task_vectors) -> merged dict (float32, on the inputs' device)."""
     if provider == "authors":
         return lambda tvs: reference.authors_fast_tsv_merge(tvs, exclude=EXCLUDE, compute_dtype=torch.float32)
+    if provider == "exact":
+        return lambda tvs: tsv_fast.fast_tsv_merge(tvs, exclude=EXCLUDE, exact=True, device=device)
     return lambda tvs: tsv_fast.fast_tsv_merge(tvs, exclude=EXCLUDE, backend=provider, device=device)
 
 
@@ -182,6 +186,7 @@ def providers_for(device: torch.device, wanted: Sequence[str] | None = None) -> 
     """`authors` first, then every backend that can serve ``device`` (optionally only ``wanted``)."""
     names = ["authors"] + [name for name, reasons in available_backends(device).items() if not reasons]
     if wanted:
+        names.append("exact")  # opt-in only: it is the authors' route again
         missing = [name for name in wanted if name not in names]
         if missing:
             reasons = available_backends(device)

@@ -76,6 +76,22 @@ def test_merge_from_yaml_config_with_out_dtype(tiny, tmp_path):
     assert all(out[k].dtype == torch.bfloat16 and torch.equal(out[k], v.bfloat16()) for k, v in expected.items())
 
 
+def test_merge_and_compress_exact(tiny, tmp_path):
+    pre, fts, folder, paths = tiny
+    result = cli("merge", "--base", folder / "pre.safetensors", *paths, "-o", tmp_path / "exact.safetensors",
+                 "--exact", "--report", tmp_path / "report.json", "--no-progress")
+    assert result.returncode == 0, result.stderr
+    out = load_file(str(tmp_path / "exact.safetensors"))
+    assert all(torch.equal(out[k], v) for k, v in tsv_merge(pre, fts, exact=True).items())
+    assert json.loads((tmp_path / "report.json").read_text())["backend"] == "exact"
+    result = cli("compress", "--base", folder / "pre.safetensors", *paths, "-o", tmp_path / "t.tsvc.safetensors",
+                 "--exact")
+    assert result.returncode == 0, result.stderr
+    packed = io.load_compressed(tmp_path / "t.tsvc.safetensors")
+    want = compress(pre, fts, exact=True)
+    assert all(torch.equal(packed.factors[k][1], want.factors[k][1]) for k in want.factors)
+
+
 def test_merge_errors_are_one_line(tiny, tmp_path):
     _, _, folder, paths = tiny
     missing = cli("merge", "--base", folder / "pre.safetensors", tmp_path / "nope.safetensors", "-o", tmp_path / "o.safetensors")

@@ -18,10 +18,12 @@ def test_sti_matches_reference_and_grows_with_sharing():
     for shared in (0.0, 0.5, 0.9):
         tvs = task_vectors(shared)
         got = tsv_fast.interference(None, tvs)
+        exact = tsv_fast.interference(None, tvs, exact=True)
         want = reference.interference(tvs)
-        assert list(got) == ["enc.blocks.0.w", "enc.blocks.1.w"]
+        assert list(got) == list(exact) == ["enc.blocks.0.w", "enc.blocks.1.w"]
         for key in want:
             assert abs(got[key] - want[key]) <= 1e-8 * want[key], (key, got[key], want[key])
+            assert abs(exact[key] - want[key]) <= 1e-12 * want[key], (key, exact[key], want[key])
         values.append(got["enc.blocks.0.w"])
     assert values[0] < values[1] < values[2]
 

@@ -56,6 +56,58 @@ def test_compact_route_equals_zero_padded_authors_route():
             assert_rel_close(f"fast {key}", fast[key], padded[key], FLOAT64_BOUND)
 
 
+@pytest.mark.parametrize("compute_dtype", [torch.float64, torch.float32])
+def test_exact_route_is_the_reference(compute_dtype):
+    """exact=True: full SVDs and SVD Procrustes in the compute dtype, equal to the reference at that
+    dtype, on every shape class and on rank-deficient and identical tasks."""
+    cases = [layer_task_vectors(shape, num_tasks, seed=sum(shape), dtype=compute_dtype)
+             for shape in [(37, 23), (23, 37), (1, 17), (64, 16)] for num_tasks in (1, 3, 8)]
+    low_rank = task_matrices((30, 20), 3, rank=4, seed=5, dtype=compute_dtype)
+    cases.append([{"w": d} for d in low_rank])
+    cases.append([{"w": low_rank[0]}, {"w": low_rank[0].clone()}])  # identical fine-tunes merge to that task
+    bound = 1e-12 if compute_dtype == torch.float64 else 1e-6
+    for tvs in cases:
+        got, report = tsv_fast.fast_tsv_merge(tvs, compute_dtype=compute_dtype, min_rank=1, exact=True,
+                                              return_report=True)
+        want = reference.fast_tsv_merge(tvs, compute_dtype=compute_dtype, min_rank=1)
+        assert report.backend == "exact"
+        for key in want:
+            assert got[key].dtype == compute_dtype
+            assert_rel_close(f"exact {key} {tuple(want[key].shape)} T={len(tvs)}", got[key], want[key], bound)
+    assert_rel_close("identical tasks", got["w"], low_rank[0], 100 * bound)
+
+
+def test_exact_route_matches_the_authors_and_the_fast_route():
+    """On full-rank stacks exact=True is the published algorithm (float32 numerics and all), and the
+    default route stays within the accuracy contract of it."""
+    tvs64 = layer_task_vectors((96, 60), 8, shared=0.5, seed=21)
+    tvs32 = [{k: v.float() for k, v in tv.items()} for tv in tvs64]
+    want = reference.fast_tsv_merge(tvs64, compute_dtype=torch.float64)["blocks.0.w"]
+    authors = reference.authors_fast_tsv_merge(tvs32)["blocks.0.w"]
+    exact = tsv_fast.fast_tsv_merge(tvs32, exact=True)["blocks.0.w"]
+    fast = tsv_fast.fast_tsv_merge(tvs32)["blocks.0.w"]
+    assert_rel_close("exact vs authors", exact, authors, 1e-5)
+    assert rel_fro(exact, want) <= contract_bound(rel_fro(authors, want))
+    assert_rel_close("fast route", fast, want, contract_bound(rel_fro(authors, want)))
+
+
+def test_exact_route_streams_task_batches_and_rejects_other_backends():
+    from tsv_fast.checkpoint import DictCheckpoint
+    from tsv_fast.merge import Options, run_merge
+
+    pre = {"w": torch.randn(40, 30, dtype=torch.float64), "b": torch.zeros(30, dtype=torch.float64)}
+    deltas = task_matrices((40, 30), 6, shared=0.4, seed=12)
+    fts = [{"w": pre["w"] + d, "b": pre["b"] + i} for i, d in enumerate(deltas)]
+    options = Options(compute_dtype=torch.float64, max_chunk_bytes=2 * 40 * 30 * 8 * 3, exact=True)
+    merged, report = run_merge(DictCheckpoint(pre), [DictCheckpoint(ft) for ft in fts], options, alpha=0.7)
+    want = reference.tsv_merge(pre, fts, alpha=0.7, compute_dtype=torch.float64)
+    assert report.backend == "exact"
+    for key in want:
+        assert_rel_close(f"task-batched exact {key}", merged[key], want[key], 1e-12)
+    with pytest.raises(ValueError, match="exact=True .* backend='triton'"):
+        tsv_fast.tsv_merge(pre, fts, exact=True, backend="triton")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_tsv_merge_weights_alpha_and_dtypes(dtype):
     generator = torch.Generator().manual_seed(3)

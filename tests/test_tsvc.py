@@ -20,10 +20,11 @@ def models(num_tasks, dtype=torch.float64):
     return pre, fts
 
 
+@pytest.mark.parametrize("exact", [False, True])
 @pytest.mark.parametrize("num_tasks", [1, 3, 4])
-def test_reconstruct_matches_reference(num_tasks):
+def test_reconstruct_matches_reference(num_tasks, exact):
     pre, fts = models(num_tasks)
-    packed = tsv_fast.compress(pre, fts, compute_dtype=torch.float64, storage_dtype=torch.float64)
+    packed = tsv_fast.compress(pre, fts, compute_dtype=torch.float64, storage_dtype=torch.float64, exact=exact)
     ref = reference.compress(pre, fts, compute_dtype=torch.float64)
     for task in range(num_tasks):
         got = packed.reconstruct(task, pre)

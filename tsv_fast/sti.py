@@ -6,9 +6,8 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from .backends import resolve_backend
 from .checkpoint import as_checkpoint
-from .merge import Options, Report, _device_of, factor_chunks, make_plan, stacks
+from .merge import Options, Report, _device_of, backend_for, factor_chunks, make_plan, stacks
 
 _BLOCK = re.compile(r"^(.*?\.\d+)\.")
 
@@ -17,23 +16,24 @@ def interference(pretrained, finetuned: Sequence, *, rank_fraction: float | None
                  exclude: Sequence[str] = ("text_projection",), orthogonalized: bool = False,
                  backend: str = "auto", device: torch.device | str | None = None,
                  min_rank: int = 0, rank_overrides: Mapping[str, float | int] | None = None,
-                 progress: bool = False) -> dict[str, float]:
+                 progress: bool = False, exact: bool = False) -> dict[str, float]:
     """STI = ‖(UᵀU - I) Σ (VᵀV - I)‖₁ for every merged matrix key, from the Grams of its stacks.
 
     ``pretrained=None`` takes ``finetuned`` as task vectors. With ``orthogonalized=True`` the stacks
     are first replaced by their polar factors U⊥, V⊥ (the interference left after TSV-M; ≈ 0 unless a
     stack is rank-deficient). Layers with k = 0 or an all-zero task matrix are left out.
+    ``exact=True`` takes the factors from float64 full SVDs (the authors' route).
 
     Example:
         >>> sti = interference(pretrained_sd, finetuned_sds)
         >>> per_block(sti)   # {'visual.transformer.resblocks.0': 12.3, ...}
     """
     options = Options(rank_fraction, rank_overrides, exclude, min_rank, torch.float64, backend, device,
-                      progress=progress)
+                      progress=progress, exact=exact)
     pre = as_checkpoint(pretrained, "the pretrained checkpoint") if pretrained is not None else None
     sources = [as_checkpoint(ft, f"fine-tuned checkpoint {i}") for i, ft in enumerate(finetuned)]
     plan = make_plan(pre, sources, options)
-    backend_impl = resolve_backend(options.backend, _device_of(options, plan))
+    backend_impl = backend_for(options, _device_of(options, plan))
     result: dict[str, float] = {}
     for chunk in factor_chunks(pre, sources, plan, options, backend_impl, Report()):
         u, sigma, v = stacks(chunk)

@@ -7,9 +7,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .backends import resolve_backend
 from .checkpoint import as_checkpoint
-from .merge import Options, Report, _device_of, _load_checked, factor_chunks, make_plan
+from .merge import Options, Report, _device_of, _load_checked, backend_for, factor_chunks, make_plan
 
 
 @dataclass
@@ -70,21 +69,23 @@ def compress(pretrained, finetuned: Sequence, *, rank_fraction: float | None = N
              exclude: Sequence[str] = ("text_projection",), backend: str = "auto",
              device: torch.device | str | None = None, compute_dtype: torch.dtype = torch.float32,
              min_rank: int = 0, rank_overrides: Mapping[str, float | int] | None = None,
-             storage_dtype: torch.dtype = torch.float32, progress: bool = False) -> CompressedTasks:
+             storage_dtype: torch.dtype = torch.float32, progress: bool = False,
+             exact: bool = False) -> CompressedTasks:
     """TSV-C: each task's top-k singular triplets per matrix (k = int(min(m, n)/T) by default).
 
-    ``pretrained=None`` takes ``finetuned`` as task vectors. Example:
+    ``pretrained=None`` takes ``finetuned`` as task vectors; ``exact=True`` takes the factors from
+    full SVDs in ``compute_dtype`` (the authors' route) instead of the float64 Gram route. Example:
         >>> packed = compress(pretrained_sd, [ft_a, ft_b, ft_c])
         >>> weights_b = packed.reconstruct(1, pretrained_sd)
         >>> packed.storage()["ratio"]   # 1/T of the dense task vectors, roughly
     """
     options = Options(rank_fraction, rank_overrides, exclude, min_rank, compute_dtype, backend, device,
-                      progress=progress)
+                      progress=progress, exact=exact)
     pre = as_checkpoint(pretrained, "the pretrained checkpoint") if pretrained is not None else None
     sources = [as_checkpoint(ft, f"fine-tuned checkpoint {i}") for i, ft in enumerate(finetuned)]
     plan = make_plan(pre, sources, options)
     device = _device_of(options, plan)
-    backend_impl = resolve_backend(options.backend, device)
+    backend_impl = backend_for(options, device)
     ref = plan.reference
     factors, others = {}, {}
     for key in plan.averaged:

@@ -25,7 +25,7 @@ import os
 
 import torch
 
-from .torch_backend import Backend, TorchBackend
+from .torch_backend import Backend, ExactBackend, TorchBackend
 
 #: name -> "module:class"; modules are imported only when the backend is asked for.
 REGISTRY = {
@@ -83,5 +83,5 @@ def available_backends(device: torch.device | str = "cpu") -> dict[str, list[str
     return {name: unavailable_reasons(name, device) for name in REGISTRY}
 
 
-__all__ = ["Backend", "TorchBackend", "REGISTRY", "AUTO_ORDER", "resolve_backend", "unavailable_reasons",
+__all__ = ["Backend", "TorchBackend", "ExactBackend", "REGISTRY", "AUTO_ORDER", "resolve_backend", "unavailable_reasons",
            "available_backends"]

