@@ -220,7 +220,7 @@ def merge(
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow torch files that need unpickling (runs code from the file: trusted files only)."),
     report: Optional[Path] = typer.Option(None, help="Write a JSON report: per-layer rank k, conditioning and STI."),
     progress: bool = typer.Option(True, help="Show progress bars."),
-    exact: bool = typer.Option(False, "--exact", help="The authors' full-SVD route (one SVD per task, Procrustes by SVD) in the compute dtype: their numerics, about 2.7x slower."),
+    exact: bool = typer.Option(False, "--exact", help="The authors' full-SVD route (one SVD per task, Procrustes by SVD) in the compute dtype: their numerics, about 2.5x slower."),
 ):
     """TSV-M merge of fine-tuned checkpoints into one model, streamed to safetensors.
 

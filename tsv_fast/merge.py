@@ -409,7 +409,7 @@ def fast_tsv_merge(task_vectors: Sequence[Mapping[str, Tensor]], *, rank_fractio
             a background thread reads the next chunk meanwhile.
         exact: run the authors' full-SVD route instead (a full SVD per task, Procrustes by SVD, in
             ``compute_dtype``): the published numerics, streamed; equals ``reference.fast_tsv_merge``
-            at that dtype and costs what the published code costs (2.7x the default route on CPU).
+            at that dtype and costs what the published code costs (2.5x the default route on CPU).
         return_report: also return a Report (per-layer κ(U), κ(V), numerical ranks, timings).
 
     Returns:

@@ -137,7 +137,7 @@ class ExactBackend(TorchBackend):
     A full SVD of every task matrix and the Procrustes factors by SVD of the stacks, both in the
     compute dtype (float32 reproduces the published numerics, float64 is the oracle at model scale),
     with the reference's conventions for numerically zero triplets and rank-deficient stacks: it
-    equals ``reference.fast_tsv_merge`` at the same dtype. 2.7x slower than the Gram route on CPU.
+    equals ``reference.fast_tsv_merge`` at the same dtype. 2.5x slower than the Gram route on CPU.
     """
 
     name = "exact"
