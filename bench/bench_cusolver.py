@@ -7,8 +7,8 @@ needing its top-k triplets, k = int(min(m, n) / T) (the paper's rank). Providers
                           then the first k triplets
   torch.svd_lowrank       torch.svd_lowrank(q = k + 10, niter = 2), batched
   torch.eigh(gram64)      float64 Gram of the smaller side, batched torch.linalg.eigh, U = ΔV/σ
-  ext.svd[<method>]       tsv_fast._C.batched_svd (gesvda in fp32 and fp64, gesvdj / gesvd loops,
-                          gesvdr loop: randomized, block 2k, 10 power iterations)
+  ext.svd[<method>]       tsv_fast._C.batched_svd (gesvda in fp32 and fp64, gesvdj / gesvd /
+                          gesvdp loops, gesvdr loop: randomized, block 2k, 10 power iterations)
   ext.eigh[<method>](gram64)  the Gram route with tsv_fast._C.batched_eigh (syev_batched, syevd)
 
 Each time (CUDA events, warm-up, median of repeats) sits beside its accuracy: the relative
@@ -50,7 +50,7 @@ SVD_REF_MAX_DIM = 1024  # float64 SVD reference up to this min(m, n); float64 Gr
 DEVICE = "cuda"  # a module constant so a CPU dry run can patch it
 TORCH_DRIVERS = (None, "gesvd", "gesvdj", "gesvda")
 EXT_SVD = (("gesvda", torch.float32), ("gesvda", torch.float64), ("gesvdj", torch.float32),
-           ("gesvd", torch.float32), ("gesvdr", torch.float32))
+           ("gesvd", torch.float32), ("gesvdp", torch.float32), ("gesvdr", torch.float32))
 EXT_EIGH = ("syev_batched", "syevd")
 FIELDS = ["op", "provider", "model", "m", "n", "T", "k", "dtype", "median_ms", "p20_ms", "p80_ms",
           "reps", "rel_err", "ref", "status", "gpu", "torch", "cuda", "cusolver", "git_sha", "timestamp"]

@@ -25,9 +25,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "tsv_fast._C: batched top-k SVD and symmetric eigensolvers from cuSOLVER";
   m.def("batched_svd", &tsv::batched_svd,
         "Top-k SVD of A [B, m, n] (float32/float64, CUDA). Returns [U (B, m, k), S (B, k), "
-        "V (B, n, k), info (B,) int32, residual (B,) float64 on the host (gesvda only)]. "
-        "method: 'auto' | 'gesvda' | 'gesvdj_batched' (<= 32 x 32) | 'gesvdj' | 'gesvd' | "
-        "'gesvdr' (randomized: k + oversample columns, niters power iterations).",
+        "V (B, n, k), info (B,) int32, residual (B,) float64 on the host (gesvda: residual "
+        "norms; gesvdp: h_err_sigma; else empty)]. method: 'auto' | 'gesvda' | 'gesvdj_batched' "
+        "(<= 32 x 32) | 'gesvdj' | 'gesvd' | 'gesvdp' (polar decomposition) | 'gesvdr' "
+        "(randomized: k + oversample columns, niters power iterations).",
         py::arg("A"), py::arg("k"), py::arg("method") = "auto", py::arg("check") = true,
         py::arg("compute_residual") = true, py::arg("oversample") = -1, py::arg("niters") = 10);
   m.def("batched_eigh", &tsv::batched_eigh,

@@ -199,6 +199,42 @@ Factors svd_gesvd_loop(cusolverDnHandle_t h, const ColMajorBatch& X, int64_t B, 
   return {Ub.mT().narrow(2, 0, k), S.narrow(1, 0, k), VTb.narrow(2, 0, k)};
 }
 
+// One Xgesvdp (SVD through a polar decomposition and Xsyevd; faster than Xgesvd, and it reports
+// an estimate of the singular values' error, h_err_sigma, per matrix) per matrix. Economy size
+// on the tall orientation; like gesvdj it returns V itself, not V^T.
+template <typename T>
+Factors svd_gesvdp_loop(cusolverDnHandle_t h, const ColMajorBatch& X, int64_t B, int64_t k,
+                        const at::Tensor& info, at::Tensor& err_sigma) {
+  const int64_t r = X.rows, c = X.cols;
+  TORCH_INTERNAL_ASSERT(r >= c, "Xgesvdp path needs a tall column-major matrix");
+  auto opts = X.mem.options();
+  at::Tensor S = at::empty({B, c}, opts);
+  at::Tensor Ub = at::empty({B, c, r}, opts);  // column-major r x c (econ)
+  at::Tensor Vb = at::empty({B, c, c}, opts);  // column-major c x c
+  DnParams params;
+  const cudaDataType dt = CudaType<T>::value;
+  const auto jobz = CUSOLVER_EIG_MODE_VECTOR;
+  const int econ = 1;
+  T *a = X.mem.data_ptr<T>(), *s = S.data_ptr<T>(), *u = Ub.data_ptr<T>(), *v = Vb.data_ptr<T>();
+  size_t dev_bytes = 0, host_bytes = 0;
+  TSV_CUSOLVER_CHECK(cusolverDnXgesvdp_bufferSize(h, params.p, jobz, econ, r, c, dt, a, r, dt, s,
+                                                  dt, u, r, dt, v, c, dt, &dev_bytes,
+                                                  &host_bytes));
+  at::Tensor work = device_workspace(static_cast<int64_t>(dev_bytes), X.mem);
+  std::vector<char> host_work(std::max<size_t>(host_bytes, 1));
+  // h_err_sigma is a host output, so every call synchronises with the stream.
+  err_sigma = at::empty({B}, at::TensorOptions().dtype(at::kDouble).device(at::kCPU));
+  double* err = err_sigma.data_ptr<double>();
+  int* inf = info.data_ptr<int>();
+  for (int64_t b = 0; b < B; ++b) {
+    TSV_CUSOLVER_CHECK(cusolverDnXgesvdp(h, params.p, jobz, econ, r, c, dt, a + b * r * c, r, dt,
+                                         s + b * c, dt, u + b * c * r, r, dt, v + b * c * c, c,
+                                         dt, work.data_ptr(), dev_bytes, host_work.data(),
+                                         host_bytes, inf + b, err + b));
+  }
+  return {Ub.mT().narrow(2, 0, k), S.narrow(1, 0, k), Vb.mT().narrow(2, 0, k)};
+}
+
 // One Xgesvdr (randomized subspace iteration: k + p columns, `niters` power iterations) per
 // matrix. Its outputs go to one full-size scratch set (sized min(rows, cols), which satisfies
 // the library whichever of k and min(rows, cols) it sizes them by) and the top k are copied out.
@@ -239,7 +275,8 @@ Factors svd_gesvdr_loop(cusolverDnHandle_t h, const ColMajorBatch& X, int64_t B,
 }  // namespace
 
 // Returns [U (B, m, k), S (B, k), V (B, n, k), info (B,) int32 on the device,
-//          residual (B,) float64 on the host; empty unless method == "gesvda"].
+//          residual (B,) float64 on the host: gesvda's residual norms, gesvdp's h_err_sigma,
+//          empty for the other methods].
 // U and V are usually non-contiguous (transposed) views; call .contiguous() if needed.
 std::vector<at::Tensor> batched_svd(const at::Tensor& A, int64_t k, const std::string& method_in,
                                     bool check, bool compute_residual, int64_t oversample,
@@ -252,9 +289,10 @@ std::vector<at::Tensor> batched_svd(const at::Tensor& A, int64_t k, const std::s
   std::string method = method_in;
   if (method == "auto") method = (m <= 32 && n <= 32) ? "gesvdj_batched" : "gesvda";
   TORCH_CHECK(method == "gesvda" || method == "gesvdj_batched" || method == "gesvdj" ||
-                  method == "gesvd" || method == "gesvdr",
+                  method == "gesvd" || method == "gesvdp" || method == "gesvdr",
               fn, ": unknown method '", method_in,
-              "'; expected one of 'auto', 'gesvda', 'gesvdj_batched', 'gesvdj', 'gesvd', 'gesvdr'");
+              "'; expected one of 'auto', 'gesvda', 'gesvdj_batched', 'gesvdj', 'gesvd', 'gesvdp', "
+              "'gesvdr'");
   if (method == "gesvdr") {
     if (oversample < 0) oversample = k;  // a block of 2k: p = 10 is far too small for TSV spectra
     TORCH_CHECK(niters >= 0, fn, ": gesvdr needs niters >= 0, got ", niters);
@@ -272,9 +310,9 @@ std::vector<at::Tensor> batched_svd(const at::Tensor& A, int64_t k, const std::s
             residual};
   }
 
-  // gesvda only reads A and wants it tall; gesvd and gesvdr want it tall and overwrite it;
-  // gesvdj takes any orientation and overwrites it.
-  const bool tall = method == "gesvda" || method == "gesvd" || method == "gesvdr";
+  // gesvda only reads A and wants it tall; gesvd, gesvdp and gesvdr want it tall and overwrite
+  // it; gesvdj takes any orientation and overwrites it.
+  const bool tall = method == "gesvda" || method == "gesvd" || method == "gesvdp" || method == "gesvdr";
   const bool overwrites = method != "gesvda";
   ColMajorBatch X = to_col_major(A, tall, overwrites);
 
@@ -287,6 +325,8 @@ std::vector<at::Tensor> batched_svd(const at::Tensor& A, int64_t k, const std::s
       f = svd_gesvdj_batched<scalar_t>(handle.get(), X, B, k, info);
     } else if (method == "gesvdj") {
       f = svd_gesvdj_loop<scalar_t>(handle.get(), X, B, k, info);
+    } else if (method == "gesvdp") {
+      f = svd_gesvdp_loop<scalar_t>(handle.get(), X, B, k, info, residual);
     } else if (method == "gesvdr") {
       f = svd_gesvdr_loop<scalar_t>(handle.get(), X, B, k, oversample, niters, info);
     } else {
@@ -299,8 +339,9 @@ std::vector<at::Tensor> batched_svd(const at::Tensor& A, int64_t k, const std::s
     if (residual.numel() > 0) {
       const double* res = residual.data_ptr<double>();
       for (int64_t b = 0; b < B; ++b) {
-        TORCH_CHECK(std::isfinite(res[b]), fn, ": gesvda returned a non-finite residual norm (",
-                    res[b], ") for matrix ", b, " of the batch; is the input finite?");
+        TORCH_CHECK(std::isfinite(res[b]), fn, ": ", method, " returned a non-finite ",
+                    method == "gesvda" ? "residual norm" : "error estimate", " (", res[b],
+                    ") for matrix ", b, " of the batch; is the input finite?");
       }
     }
   }

@@ -58,7 +58,7 @@ def sym(batch, n, *, dtype=torch.float64, seed=0):
 # gesvdr is randomized: with a block of 2k, 10 power iterations and the gap 1 -> 0.3 of these
 # inputs it converges far below 1e-8.
 TOL64 = {"gesvda": 1e-6, "auto": 1e-9, "gesvdj_batched": 1e-9, "gesvdj": 1e-9, "gesvd": 1e-9,
-         "gesvdr": 1e-8}
+         "gesvdp": 1e-9, "gesvdr": 1e-8}
 
 SVD_CASES = [  # (batch, m, n, k, method)
     (5, 40, 24, 6, "gesvda"),
@@ -70,6 +70,8 @@ SVD_CASES = [  # (batch, m, n, k, method)
     (3, 30, 50, 7, "gesvdj"),
     (3, 50, 30, 7, "gesvd"),
     (3, 30, 50, 7, "gesvd"),
+    (3, 50, 30, 7, "gesvdp"),
+    (3, 30, 50, 7, "gesvdp"),
     (3, 60, 40, 6, "gesvdr"),
     (3, 40, 60, 6, "gesvdr"),
     (2, 96, 64, 64, "gesvda"),  # k = min(m, n)
@@ -98,7 +100,7 @@ def test_svd_float64_parity(batch, m, n, k, method):
 
 @pytest.mark.gpu
 @needs_ext
-@pytest.mark.parametrize("method", ["gesvda", "gesvdj", "gesvd", "gesvdr"])
+@pytest.mark.parametrize("method", ["gesvda", "gesvdj", "gesvd", "gesvdp", "gesvdr"])
 def test_svd_float32(method):
     A = gapped(4, 64, 48, 8, seed=3)
     U, S, V = cs.batched_topk_svd(A.float(), 8, method)
@@ -137,6 +139,16 @@ def test_svd_raw_extension_returns_info_and_residuals():
     # k = min(m, n): every notion of residual is ~0 relative to ‖A‖
     norm = torch.linalg.matrix_norm(A).cpu()
     assert bool((residual <= 1e-6 * norm).all()), f"residuals {residual} vs ‖A‖ {norm}"
+
+
+@pytest.mark.gpu
+@needs_ext
+def test_svd_gesvdp_returns_finite_error_estimates():
+    A = gapped(3, 50, 30, 7, seed=8)
+    U, S, V, info, err_sigma = cs._ext().batched_svd(A, 7, "gesvdp", True, True)
+    assert int(info.abs().sum()) == 0
+    assert err_sigma.shape == (3,) and err_sigma.device.type == "cpu"
+    assert bool(torch.isfinite(err_sigma).all()) and bool((err_sigma >= 0).all()), err_sigma
 
 
 # ------------------------------------------------------------------------------- GPU: eigh

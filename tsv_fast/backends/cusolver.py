@@ -25,7 +25,7 @@ from torch import Tensor
 from ..reference import ZERO_RTOL
 from .torch_backend import F64, TorchBackend
 
-SVD_METHODS = ("auto", "gesvda", "gesvdj_batched", "gesvdj", "gesvd", "gesvdr")
+SVD_METHODS = ("auto", "gesvda", "gesvdj_batched", "gesvdj", "gesvd", "gesvdp", "gesvdr")
 EIGH_METHODS = ("auto", "syevj_batched", "syev_batched", "syevd")
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
 
@@ -107,8 +107,9 @@ def batched_topk_svd(A: Tensor, k: int, method: str = "auto", *, check: bool = T
     Returns U [..., m, k], S [..., k] (descending), V [..., n, k] with A ≈ U diag(S) Vᵀ; U and V
     may be transposed (non-contiguous) views. ``method``: "auto" (gesvdjBatched up to 32 x 32,
     else gesvdaStridedBatched), "gesvda", "gesvdj_batched", "gesvdj" (loop), "gesvd" (loop of
-    Xgesvd) or "gesvdr" (loop of the randomized Xgesvdr with a block of k + ``oversample``
-    columns, default 2k, and ``niters`` power iterations). With ``check`` a nonzero per-matrix ``info`` raises, naming the matrix, and gesvda's
+    Xgesvd), "gesvdp" (loop of Xgesvdp: polar decomposition + Xsyevd, its error estimates are
+    checked to be finite) or "gesvdr" (loop of the randomized Xgesvdr with a block of k +
+    ``oversample`` columns, default 2k, and ``niters`` power iterations). With ``check`` a nonzero per-matrix ``info`` raises, naming the matrix, and gesvda's
     residual norms are checked: ‖residual‖ <= tail + rtol·‖A‖_F, tail = sqrt(‖A‖² − ‖S‖²) being
     the least residual any rank-k factorisation has (so the check holds whether cuSOLVER reports
     ‖A − U S Vᵀ‖_F or ‖Uᵀ A V − S‖_F).
@@ -129,7 +130,8 @@ def batched_topk_svd(A: Tensor, k: int, method: str = "auto", *, check: bool = T
     U, S, V, _info, residual = _ext().batched_svd(batch, int(k), method, check, check,
                                                   -1 if oversample is None else int(oversample),
                                                   int(niters))
-    if check and residual.numel():
+    resolved = method if method != "auto" else ("gesvdj_batched" if m <= 32 and n <= 32 else "gesvda")
+    if check and resolved == "gesvda" and residual.numel():
         _check_residuals(batch, S, residual, residual_rtol)
     return U.reshape(*lead, m, k), S.reshape(*lead, k), V.reshape(*lead, n, k)
 
