@@ -19,6 +19,8 @@ _EXPORTS = {
     "interference": "tsv_fast.sti",
     "per_block": "tsv_fast.sti",
     "available_backends": "tsv_fast.backends",
+    "lora_tsv_merge": "tsv_fast.lora",
+    "load_adapter": "tsv_fast.lora",
 }
 
 __all__ = [*sorted(_EXPORTS), "reference", "__version__"]

@@ -155,11 +155,26 @@ def _run(body):
         _fail(exc)
 
 
-def _open_all(base: Optional[Path], models: list[Path], allow_pickle: bool):
-    from .io import open_checkpoint
+def _lora_models(models: list) -> bool:
+    """True when every model is a PEFT LoRA adapter; an error when adapters and checkpoints mix."""
+    from .lora import is_adapter
 
     if not models:
         raise CliError("no fine-tuned models given (pass paths, or `models:` in the config)")
+    adapters = [str(m) for m in models if is_adapter(m)]
+    if adapters and len(adapters) != len(models):
+        others = [str(m) for m in models if not is_adapter(m)]
+        raise CliError(f"the models mix LoRA adapters ({adapters[0]}, ...) and full checkpoints ({others[0]}, ...); "
+                       "merge one kind at a time")
+    return bool(adapters)
+
+
+def _open_all(base: Optional[Path], models: list[Path], allow_pickle: bool):
+    from .io import open_checkpoint
+
+    if _lora_models(models):
+        raise CliError(f"{models[0]} is a LoRA adapter: `tsv-fast merge` takes adapters; this command needs "
+                       "full checkpoints")
     pre = open_checkpoint(base, allow_pickle=allow_pickle) if base is not None else None
     return pre, [open_checkpoint(m, allow_pickle=allow_pickle) for m in models]
 
@@ -204,7 +219,7 @@ def load_config(path: Path) -> dict:
 
 @app.command()
 def merge(
-    models: Optional[list[Path]] = typer.Argument(None, help="Fine-tuned checkpoints (files or model folders)."),
+    models: Optional[list[Path]] = typer.Argument(None, help="Fine-tuned checkpoints (files or model folders), or PEFT LoRA adapter folders of the base."),
     base: Optional[Path] = typer.Option(None, "--base", "-b", help="The pretrained checkpoint all models were fine-tuned from."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output: a .safetensors file, or a folder (gets model.safetensors)."),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config (base_model, models, alpha, ...); flags override it."),
@@ -222,9 +237,12 @@ def merge(
     progress: bool = typer.Option(True, help="Show progress bars."),
     exact: bool = typer.Option(False, "--exact", help="The authors' full-SVD route (one SVD per task, Procrustes by SVD) in the compute dtype: their numerics, about 2.5x slower."),
 ):
-    """TSV-M merge of fine-tuned checkpoints into one model, streamed to safetensors.
+    """TSV-M merge of fine-tuned checkpoints (or PEFT LoRA adapters) into one model, streamed to safetensors.
 
     Example:  tsv-fast merge -b pre.safetensors ft1.safetensors ft2.safetensors -o merged.safetensors
+
+    LoRA:  tsv-fast merge -b llama-7b/ lora-math/ lora-code/ -o merged/   (adapter folders with
+    adapter_config.json; their SVDs come from the low-rank factors, never from dense deltas)
 
     Or with a YAML config (keys: base_model, models, alpha, rank_fraction, exclude, dtype, out_dtype,
     device, max_shard_size, backend, output, exact):  tsv-fast merge -c merge.yaml
@@ -264,7 +282,15 @@ def run_merge_command(opts: dict, *, report_path: Optional[Path] = None,
     from .merge import Options, run_merge
 
     started = time.perf_counter()
-    pre, fts = _open_all(Path(opts["base_model"]), [Path(m) for m in opts["models"]], opts["allow_pickle"])
+    lora = _lora_models(opts["models"])
+    if lora and opts.get("exact"):
+        raise CliError("--exact is for full checkpoints: the SVD of a LoRA update is already exact (from its factors)")
+    if lora:
+        from .io import open_checkpoint
+
+        pre, fts = open_checkpoint(opts["base_model"], allow_pickle=opts["allow_pickle"]), list(opts["models"])
+    else:
+        pre, fts = _open_all(Path(opts["base_model"]), [Path(m) for m in opts["models"]], opts["allow_pickle"])
     options = Options(rank_fraction=opts["rank_fraction"], exclude=tuple(opts["exclude"]),
                       compute_dtype=_dtype(opts["dtype"]), backend=opts["backend"], device=opts["device"],
                       max_chunk_bytes=parse_size(opts["max_chunk_size"]) or (256 << 20), progress=progress,
@@ -280,8 +306,17 @@ def run_merge_command(opts: dict, *, report_path: Optional[Path] = None,
                         "base_model": Path(opts["base_model"]).name,
                         "models": json.dumps([Path(m).name for m in opts["models"]])})
     if not quiet:
-        typer.echo(f"merging {len(fts)} models into {opts['output']} (base {pre.name})")
-    out_path, rep = run_merge(pre, fts, options, alpha=float(opts["alpha"]), sink=sink, compute_sti=True)
+        kind = "LoRA adapters" if lora else "models"
+        typer.echo(f"merging {len(fts)} {kind} into {opts['output']} (base {pre.name})")
+    if lora:
+        from .lora import lora_tsv_merge
+
+        out_path, rep = lora_tsv_merge(pre, fts, alpha=float(opts["alpha"]), rank_fraction=options.rank_fraction,
+                                       exclude=options.exclude, backend=options.backend, device=options.device,
+                                       compute_dtype=options.compute_dtype, sink=sink, progress=progress,
+                                       return_report=True)
+    else:
+        out_path, rep = run_merge(pre, fts, options, alpha=float(opts["alpha"]), sink=sink, compute_sti=True)
     if report_path is not None:
         write_report(report_path, rep)
     if not quiet:
