@@ -211,3 +211,16 @@ def test_cli_merges_adapter_folders(saved, tmp_path):
     assert sti.returncode != 0 and "LoRA adapter" in sti.stderr
     exact = cli("merge", "-b", tmp_path / "base.safetensors", *paths, "-o", tmp_path / "x.safetensors", "--exact")
     assert exact.returncode != 0 and "already exact" in exact.stderr
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_lora_merge_on_cuda_matches_cpu(saved):
+    base, _, paths = saved
+    cpu = lora.lora_tsv_merge(base, paths, compute_dtype=F64)
+    gpu = lora.lora_tsv_merge(base, paths, compute_dtype=F64, device="cuda")
+    for key, value in cpu.items():
+        assert gpu[key].device.type == "cpu"  # results return to the base's device
+        if value.is_floating_point():
+            assert_rel_close(f"cuda {key}", gpu[key] - base[key], value - base[key], 1e-10)
+        else:
+            assert torch.equal(gpu[key], value)
