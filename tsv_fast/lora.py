@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from .checkpoint import Checkpoint, DictSink, Sink, as_checkpoint
-from .merge import LayerReport, Options, Report, _kappa_and_rank, _load_checked, backend_for
+from .merge import LayerReport, Options, Report, _load_checked, backend_for, merge_stacks
 from .reference import ZERO_RTOL, is_merged_as_matrix, warn_zero_rank
 
 F64 = torch.float64
@@ -284,11 +284,5 @@ def _tsv_layer(backend, weight: Tensor, tasks: Sequence[LoraAdapter], key: str, 
     u = torch.cat([p[0] for p in parts], dim=1)[None]
     sigma = torch.cat([p[1] for p in parts])[None]
     v = torch.cat([p[2] for p in parts], dim=1)[None]
-    u_orth, gram_u, evals_u = backend.orthogonalize(u)
-    v_orth, gram_v, evals_v = backend.orthogonalize(v)
-    sti = float(backend.sti(gram_u, sigma, gram_v)[0])
-    merged = backend.reconstruct(weight[None], (u_orth * sigma.unsqueeze(1)).to(dtype), v_orth.to(dtype),
-                                 alpha, weight.dtype)[0]
-    (kappa_u,), (rank_u,) = _kappa_and_rank(evals_u)
-    (kappa_v,), (rank_v,) = _kappa_and_rank(evals_v)
-    return merged, LayerReport(key, tuple(weight.shape), k, kappa_u, kappa_v, rank_u, rank_v, sti)
+    merged, (layer,) = merge_stacks(backend, weight[None], u, sigma, v, [key], k, alpha, dtype, weight.dtype)
+    return merged[0], layer

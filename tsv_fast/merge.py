@@ -308,6 +308,22 @@ def _kappa_and_rank(evals: Tensor) -> tuple[list[float], list[int]]:
 # ------------------------------------------------------------------------------------------------
 # TSV-M
 # ------------------------------------------------------------------------------------------------
+def merge_stacks(backend: Backend, base: Tensor | None, u: Tensor, sigma: Tensor, v: Tensor, keys: Sequence[str],
+                 k: int, alpha: float, cd: torch.dtype, out_dtype: torch.dtype,
+                 compute_sti: bool = True) -> tuple[Tensor, list[LayerReport]]:
+    """base + α·U⊥ diag(σ) V⊥ᵀ for L layers' stacks (U [L,m,K], σ [L,K], V [L,n,K], float64), with
+    each layer's report: κ(U), κ(V) and numerical ranks from the stack Grams, and the STI."""
+    u_orth, gram_u, evals_u = backend.orthogonalize(u)
+    v_orth, gram_v, evals_v = backend.orthogonalize(v)
+    sti = backend.sti(gram_u, sigma, gram_v).tolist() if compute_sti else [math.nan] * len(keys)
+    merged = backend.reconstruct(base, (u_orth * sigma.unsqueeze(1)).to(cd), v_orth.to(cd), alpha, out_dtype)
+    kappa_u, rank_u = _kappa_and_rank(evals_u)
+    kappa_v, rank_v = _kappa_and_rank(evals_v)
+    shape = tuple(merged.shape[1:])
+    return merged, [LayerReport(key, shape, k, kappa_u[i], kappa_v[i], rank_u[i], rank_v[i], sti[i])
+                    for i, key in enumerate(keys)]
+
+
 def run_merge(pretrained: Checkpoint | None, finetuned: Sequence[Checkpoint], options: Options, *,
               alpha: float = 1.0, sink: Sink | None = None, compute_sti: bool = False) -> tuple[object, Report]:
     """TSV-M over checkpoints. With ``pretrained`` None the inputs are task vectors and M is returned."""
@@ -332,19 +348,12 @@ def run_merge(pretrained: Checkpoint | None, finetuned: Sequence[Checkpoint], op
             emit(key, _unchanged(pretrained, finetuned, key, device))
         for chunk in factor_chunks(pretrained, finetuned, plan, options, backend, report,
                                    on_zero_delta=lambda key, base: emit(key, base.clone())):
-            u, sigma, v = stacks(chunk)
-            u_orth, gram_u, evals_u = backend.orthogonalize(u)
-            v_orth, gram_v, evals_v = backend.orthogonalize(v)
-            sti = backend.sti(gram_u, sigma, gram_v).tolist() if compute_sti else [math.nan] * len(chunk.keys)
-            merged = backend.reconstruct(chunk.pretrained, (u_orth * sigma.unsqueeze(1)).to(cd), v_orth.to(cd),
-                                         alpha, chunk.out_dtype)
-            kappa_u, rank_u = _kappa_and_rank(evals_u)
-            kappa_v, rank_v = _kappa_and_rank(evals_v)
-            for i, key in enumerate(chunk.keys):
-                emit(key, merged[i])
-                report.layers[key] = LayerReport(key, tuple(merged.shape[1:]), chunk.k, kappa_u[i], kappa_v[i],
-                                                 rank_u[i], rank_v[i], sti[i])
-                log.info("%s: k=%d κ(U)=%.3g κ(V)=%.3g", key, chunk.k, kappa_u[i], kappa_v[i])
+            merged, layers = merge_stacks(backend, chunk.pretrained, *stacks(chunk), chunk.keys, chunk.k, alpha,
+                                          cd, chunk.out_dtype, compute_sti)
+            for key, weight, layer in zip(chunk.keys, merged, layers):
+                emit(key, weight)
+                report.layers[key] = layer
+                log.info("%s: k=%d κ(U)=%.3g κ(V)=%.3g", key, layer.k, layer.kappa_u, layer.kappa_v)
         report.seconds = time.perf_counter() - started
         result = sink.close(_metadata(options, alpha, len(finetuned), pretrained is None))
     except BaseException:

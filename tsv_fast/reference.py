@@ -101,25 +101,25 @@ def reconstruct_ref(base: Tensor | None, a: Tensor, b: Tensor, *, alpha: float =
 # The linear algebra of one layer
 # ----------------------------------------------------------------------------------------------
 def topk_svd_ref(delta: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Top-k singular triplets of one matrix by a full SVD: U [m, k], σ [k], V [n, k].
+    """Top-k singular triplets by a full SVD: U [..., m, k], σ [..., k], V [..., n, k] of [..., m, n].
 
     Numerically zero triplets (σ <= ZERO_RTOL · σ₁) come back as zero columns with σ = 0.
     """
     u, s, vh = torch.linalg.svd(delta, full_matrices=False)
-    u, s, v = u[:, :k], s[:k], vh[:k].mT
-    keep = s > ZERO_RTOL * s[:1].clamp_min(torch.finfo(s.dtype).tiny)
-    return u * keep, s * keep, v * keep
+    u, s, v = u[..., :k], s[..., :k], vh[..., :k, :].mT
+    keep = s > ZERO_RTOL * s[..., :1].clamp_min(torch.finfo(s.dtype).tiny)
+    return u * keep.unsqueeze(-2), s * keep, v * keep.unsqueeze(-2)
 
 
 def polar_ref(stack: Tensor) -> Tensor:
-    """Orthogonal Procrustes / polar factor of X [m, K]: P Qᵀ from X = P D Qᵀ.
+    """Orthogonal Procrustes / polar factor of X [..., m, K]: P Qᵀ from X = P D Qᵀ.
 
     Restricted to the numerical range of X (a partial isometry), so zero or repeated columns map to
     zero instead of to arbitrary directions.
     """
     p, d, qh = torch.linalg.svd(stack, full_matrices=False)
-    keep = d > (GRAM_RTOL * max(stack.shape[-1], 1) * d[:1].square()).sqrt()
-    return (p * keep) @ qh
+    keep = d > (GRAM_RTOL * max(stack.shape[-1], 1) * d[..., :1].square()).sqrt()
+    return (p * keep.unsqueeze(-2)) @ qh
 
 
 def _task_vectors_from(pretrained: Mapping[str, Tensor], finetuned: Sequence[Mapping[str, Tensor]],

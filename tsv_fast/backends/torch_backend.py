@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..reference import GRAM_RTOL, ZERO_RTOL, sti_ref
+from ..reference import GRAM_RTOL, ZERO_RTOL, polar_ref, sti_ref, topk_svd_ref
 
 F64 = torch.float64
 
@@ -136,8 +136,9 @@ class ExactBackend(TorchBackend):
 
     A full SVD of every task matrix and the Procrustes factors by SVD of the stacks, both in the
     compute dtype (float32 reproduces the published numerics, float64 is the oracle at model scale),
-    with the reference's conventions for numerically zero triplets and rank-deficient stacks: it
-    equals ``reference.fast_tsv_merge`` at the same dtype. 2.5x slower than the Gram route on CPU.
+    with the reference's conventions for numerically zero triplets and rank-deficient stacks: it calls
+    ``reference.topk_svd_ref`` and ``reference.polar_ref`` themselves, batched, so a merge equals
+    ``reference.fast_tsv_merge`` at the same dtype. 2.5x slower than the Gram route on CPU.
     """
 
     name = "exact"
@@ -149,18 +150,10 @@ class ExactBackend(TorchBackend):
         delta = finetuned.to(self.dtype, copy=True)
         if pretrained is not None:
             delta.sub_(pretrained.to(self.dtype).unsqueeze(1))
-        u, sigma, vh = torch.linalg.svd(delta, full_matrices=False)  # batched over layers and tasks
-        u, sigma, v = u[..., :k], sigma[..., :k], vh[..., :k, :].mT
-        keep = sigma > ZERO_RTOL * sigma[..., :1]  # as reference.topk_svd_ref
-        return (u * keep.unsqueeze(-2)).to(F64), (sigma * keep).to(F64), (v * keep.unsqueeze(-2)).to(F64)
+        return tuple(t.to(F64) for t in topk_svd_ref(delta, k))  # batched over layers and tasks
 
     def orthogonalize(self, stack: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Polar factor P Qᵀ of X = P D Qᵀ (batched SVD in the compute dtype), partial isometry as in
-        ``reference.polar_ref``; the Gram (float64, for STI) and its eigenvalues D² come along."""
-        p, d, qh = torch.linalg.svd(stack.to(self.dtype), full_matrices=False)
-        width = stack.shape[-1]
-        keep = d > (GRAM_RTOL * max(width, 1) * d[..., :1].square()).sqrt()
-        polar = (p * keep.unsqueeze(-2)) @ qh
-        evals = d.to(F64).square().flip(-1)  # ascending, like eigh; zeros where the stack is short
-        evals = torch.cat([evals.new_zeros(*evals.shape[:-1], width - evals.shape[-1]), evals], dim=-1)
-        return polar.to(F64), self.stack_gram(stack), evals
+        """``reference.polar_ref`` (batched SVD in the compute dtype); the float64 Gram (for STI)
+        and its eigenvalues (for κ and the numerical rank) come along, as in the Gram route."""
+        gram = self.stack_gram(stack)
+        return polar_ref(stack.to(self.dtype)).to(F64), gram, torch.linalg.eigvalsh(gram)
