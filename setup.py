@@ -26,6 +26,7 @@ from pathlib import Path
 
 from setuptools import find_packages, setup
 from setuptools.command.build_ext import build_ext as _setuptools_build_ext
+from setuptools.command.build_py import build_py as _setuptools_build_py
 
 ROOT = Path(__file__).resolve().parent
 BUILD_INFO_NAME = "_build_info.json"
@@ -205,6 +206,21 @@ def make_build_ext(base, info):
     return TsvBuildExt
 
 
+class build_py_with_kernels(_setuptools_build_py):
+    """Copy the Triton kernel modules of the top-level kernels/ folder into tsv_fast/kernels/.
+
+    kernels/ has no __init__.py, so that a clone root on sys.path never shadows Hugging Face's
+    ``kernels`` package; the modules become ``tsv_fast.kernels.<op>`` only inside the package.
+    """
+
+    def run(self):
+        super().run()
+        target = Path(self.build_lib) / "tsv_fast" / "kernels"
+        target.mkdir(parents=True, exist_ok=True)
+        for module in sorted((ROOT / "kernels").glob("*.py")):
+            self.copy_file(str(module), str(target / module.name))
+
+
 def main():
     ext_kwargs, info = plan_cuda_build()
     if ext_kwargs is None and FORCE and not SKIP:
@@ -226,11 +242,7 @@ def main():
         cmdclass["build_ext"] = _setuptools_build_ext
 
     packages = find_packages(include=["tsv_fast", "tsv_fast.*"])
-    package_dir = {}
-    if (ROOT / "kernels").is_dir():
-        kernel_pkgs = find_packages(where="kernels")
-        packages += ["tsv_fast.kernels"] + [f"tsv_fast.kernels.{p}" for p in kernel_pkgs]
-        package_dir["tsv_fast.kernels"] = "kernels"
+    cmdclass["build_py"] = build_py_with_kernels
 
     metadata = {}
     pyproject = ROOT / "pyproject.toml"
@@ -243,7 +255,6 @@ def main():
 
     setup(
         packages=packages,
-        package_dir=package_dir,
         package_data={"tsv_fast": [BUILD_INFO_NAME]},
         ext_modules=ext_modules,
         cmdclass=cmdclass,

@@ -43,8 +43,6 @@ if DRYRUN:
 def require_cuda(name: str) -> None:
     if DRYRUN:
         print(f"{name}: TSV_FAST_BENCH_DRYRUN=1: CPU interpreter dry run at tiny shapes, figures are meaningless")
-        if str(ROOT) not in sys.path:
-            sys.path.insert(0, str(ROOT))
         return
     if not torch.cuda.is_available():
         print(f"{name}: no CUDA device found; the kernel benchmarks need a GPU (run them on an H100 with "
@@ -53,8 +51,6 @@ def require_cuda(name: str) -> None:
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print(f"{name}: TRITON_INTERPRET is set; unset it to benchmark compiled kernels. Nothing was measured.")
         sys.exit(0)
-    if str(ROOT) not in sys.path:  # run from a source checkout without installing
-        sys.path.insert(0, str(ROOT))
     torch.backends.cuda.matmul.allow_tf32 = False  # the torch baselines use IEEE fp32, like the torch backend
 
 

@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+
 
 MODELS = {
     "vit-b-32": [(768, 768), (3072, 768), (768, 3072), (2304, 768)],

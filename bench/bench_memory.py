@@ -26,7 +26,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 AUTHORS_SCRIPT = r"""
 import sys, time, torch
@@ -92,8 +91,7 @@ def write_checkpoints(folder: Path, layout: str, num_tasks: int) -> list[Path]:
 
 def child_env() -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    return env
+    return env  # tsv_fast comes from the installed package (pip install -e .), never from the clone root
 
 
 def main() -> None:
