@@ -1,10 +1,10 @@
-"""TSV-M of T LoRA adapters: the factor route (tsv_fast.lora) against dense routes, one run.
+"""TSV-M of T LoRA adapters: the factor route (tsv_fast.lora_tsv_merge) against dense routes, one run.
 
 Workload: the matrices of one LLaMA-7B decoder layer (tsv_fast.synthetic layout "llama-7b-layer",
 float32 base weights) and T random rank-r adapters of all seven projections (PEFT layout, α = 2r).
 Providers, float32 in and out:
 
-    lora     tsv_fast.lora.lora_tsv_merge: SVDs from the factors, stacks Σ rᵢ wide
+    lora     tsv_fast.lora_tsv_merge: SVDs from the factors, stacks Σ rᵢ wide
     dense    tsv_fast.tsv_merge on the dense fine-tunes (W + s·B A per task), as after merge_and_unload
     authors  tsv_fast.reference.authors_fast_tsv_merge on the dense task vectors (full SVDs)
 
@@ -35,7 +35,8 @@ import _timing  # noqa: E402
 from bench_merge import environment  # noqa: E402
 
 import tsv_fast  # noqa: E402
-from tsv_fast import lora, reference, synthetic  # noqa: E402
+from tsv_fast import lora_tsv_merge, reference, synthetic  # noqa: E402
+from tsv_fast.io import peft as lora  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 
@@ -92,8 +93,8 @@ def main() -> None:
         rows.append({"provider": name, "keys": keys, "runs": runs, **stats})
         print(f"{name:8s} {keys:14s} median {stats['median_s']:8.3f} s over {runs} run(s)", flush=True)
 
-    run("lora", "whole layer", lambda: lora.lora_tsv_merge(base, adapters), args.runs)
-    run("lora", args.dense_keys, lambda: lora.lora_tsv_merge(base_sub, adapters_sub), args.runs)
+    run("lora", "whole layer", lambda: lora_tsv_merge(base, adapters), args.runs)
+    run("lora", args.dense_keys, lambda: lora_tsv_merge(base_sub, adapters_sub), args.runs)
     run("dense", args.dense_keys, lambda: tsv_fast.tsv_merge(base_sub, finetuned), args.dense_runs)
     run("authors", args.dense_keys, lambda: {k: base_sub[k] + v for k, v in
                                              reference.authors_fast_tsv_merge(task_vectors).items()}, args.dense_runs)

@@ -118,7 +118,7 @@ def main() -> None:
                            "torch": torch.__version__, "tsv_fast": __version__, "git_sha": _git_sha(),
                            "omp_num_threads": 1},
                "layout": args.layout, "dtype": "float32", "max_chunk_size": args.max_chunk_size, "runs": []}
-    baseline = run_measured(["-c", "import torch, safetensors, tsv_fast.cli, tsv_fast.merge"], env)
+    baseline = run_measured(["-c", "import torch, safetensors, tsv_fast.cli, tsv_fast.api"], env)
     results["python_torch_baseline_rss_bytes"] = baseline["peak_rss_bytes"]
     for index, num_tasks in enumerate(args.tasks):
         mode = args.authors[min(index, len(args.authors) - 1)]

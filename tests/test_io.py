@@ -4,6 +4,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import shutil
 import warnings
 from pathlib import Path
 
@@ -13,9 +14,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from tsv_fast import io, synthetic
-from tsv_fast.checkpoint import Checkpoint, DictCheckpoint
-from tsv_fast.merge import tsv_merge
-from tsv_fast.tsvc import compress
+from tsv_fast import compress, tsv_merge
+from tsv_fast.io.checkpoint import Checkpoint, DictCheckpoint
 
 
 def mixed_state_dict() -> dict[str, torch.Tensor]:
@@ -241,7 +241,7 @@ def test_output_folder_equal_to_input_folder_is_refused(tmp_path):
 
 
 def test_not_enough_disk_space_before_writing(tmp_path, monkeypatch):
-    monkeypatch.setattr(io.shutil, "disk_usage", lambda path: type("U", (), {"free": 1000})())
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: type("U", (), {"free": 1000})())
     with pytest.raises(OSError, match="not enough disk space") as info:
         io.SafetensorsSink(tmp_path / "o.safetensors", expected_bytes=10**6)
     assert info.value.errno == errno.ENOSPC
@@ -250,7 +250,7 @@ def test_not_enough_disk_space_before_writing(tmp_path, monkeypatch):
 def test_disk_filling_during_write_cleans_up(tmp_path, monkeypatch):
     sink = io.SafetensorsSink(tmp_path / "o.safetensors")
     sink.write("w", torch.ones(1000))
-    monkeypatch.setattr(io.shutil, "disk_usage", lambda path: type("U", (), {"free": 10})())
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: type("U", (), {"free": 10})())
     with pytest.raises(OSError, match="not enough disk space"):
         sink.close({})
     assert list(tmp_path.iterdir()) == []
@@ -262,7 +262,7 @@ def test_enospc_from_the_os_is_reported(tmp_path, monkeypatch):
     def full(*args):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(io, "_tensor_bytes", full)
+    monkeypatch.setattr(io.safetensors, "_tensor_bytes", full)
     with pytest.raises(OSError, match="disk full while writing"):
         sink.write("w", torch.ones(3))
     sink.abort()
@@ -380,16 +380,17 @@ def test_load_compressed_rejects_plain_safetensors(tmp_path):
 
 
 def test_parse_dtype():
-    assert io.parse_dtype("bf16") is torch.bfloat16 and io.parse_dtype("torch.float32") is torch.float32
-    with pytest.raises(ValueError, match="unknown dtype"):
-        io.parse_dtype("float7")
+    from tsv_fast.options import parse_dtype
+
+    assert parse_dtype("bf16") is torch.bfloat16 and parse_dtype("torch.float32") is torch.float32
+    with pytest.raises(ValueError, match="unknown or unsupported dtype"):
+        parse_dtype("float7")
 
 
 # ------------------------------------------------------------------------------------------------
 # The engine's read-ahead thread
 # ------------------------------------------------------------------------------------------------
 def test_read_error_in_the_read_ahead_reaches_the_caller(tiny):
-    from tsv_fast.merge import Options, run_merge
 
     pre, fts, _ = tiny
 
@@ -400,4 +401,4 @@ def test_read_error_in_the_read_ahead_reaches_the_caller(tiny):
             return super().load(key)
 
     with pytest.raises(OSError, match="disk read error"):
-        run_merge(DictCheckpoint(pre, "pre"), [Broken(fts[0], "broken"), *map(DictCheckpoint, fts[1:])], Options())
+        tsv_merge(DictCheckpoint(pre, "pre"), [Broken(fts[0], "broken"), *map(DictCheckpoint, fts[1:])])

@@ -1,8 +1,8 @@
-"""TSV-M of PEFT LoRA adapters (tsv_fast.lora) against the float64 reference on dense task vectors.
+"""TSV-M of PEFT LoRA adapters (tsv_fast.lora_tsv_merge) against the float64 reference on dense task vectors.
 
 The expected dense Δ of each adapter is written out here from PEFT's rules (scale α/r or α/√r,
 alpha_pattern, fan_in_fan_out and embeddings transposed, conv adapters reshaped), independently
-of tsv_fast.lora's parser.
+of tsv_fast.io.peft's parser.
 """
 from __future__ import annotations
 
@@ -13,7 +13,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tsv_fast import lora, reference
+from tsv_fast import lora_tsv_merge, reference
+from tsv_fast.io import peft as lora
+from tsv_fast.testing import assert_same_result
 from tsv_fast.testing import assert_rel_close
 
 from test_cli import cli
@@ -118,7 +120,7 @@ def dense_finetunes(base, adapters):
 @pytest.mark.parametrize("alpha", [1.0, 0.7])
 def test_lora_merge_equals_the_reference_on_dense_task_vectors(saved, alpha):
     base, adapters, paths = saved
-    got, report = lora.lora_tsv_merge(base, paths, alpha=alpha, compute_dtype=F64, return_report=True)
+    got, report = lora_tsv_merge(base, paths, alpha=alpha, compute_dtype=F64, return_report=True)
     fts = dense_finetunes(base, adapters)
     floats = {k: v for k, v in base.items() if v.is_floating_point()}
     want = reference.tsv_merge(floats, [{k: ft[k] for k in floats} for ft in fts], alpha=alpha, compute_dtype=F64)
@@ -135,6 +137,22 @@ def test_lora_merge_equals_the_reference_on_dense_task_vectors(saved, alpha):
     assert set(report.averaged) == {"model.layers.0.conv.weight", "model.norm.weight"}
 
 
+@pytest.mark.parametrize("method", ["iso-c", "iso-cts", "ta"])
+def test_other_methods_on_adapters_equal_their_twins_on_dense_task_vectors(saved, method):
+    """Every merge method runs on adapters: Iso-CTS's residual factors come from the projected
+    low-rank factors, Iso-C's sum is formed one layer at a time, Task Arithmetic sums the updates."""
+    base, adapters, paths = saved
+    got = lora_tsv_merge(base, paths, method=method, alpha=0.8, compute_dtype=F64)
+    fts = dense_finetunes(base, adapters)
+    floats = [k for k, v in base.items() if v.is_floating_point()]
+    tvs = [{k: ft[k] - base[k].to(F64) for k in floats} for ft in fts]
+    twin = {"iso-c": reference.iso_c, "iso-cts": reference.iso_cts,
+            "ta": lambda tvs, **kw: {k: sum(tv[k] for tv in tvs) for k in tvs[0]}}[method]
+    merged_tv = twin(tvs, compute_dtype=F64)
+    for key in floats:
+        assert_rel_close(f"{method} {key}", got[key] - base[key], 0.8 * merged_tv[key], 1e-10)
+
+
 def test_lora_merge_in_float32_and_bfloat16(tmp_path):
     base64 = make_base()
     adapters = make_adapters(base64)
@@ -144,7 +162,7 @@ def test_lora_merge_in_float32_and_bfloat16(tmp_path):
                                 for ft in dense_finetunes(base64, adapters)], compute_dtype=F64)
     for dtype, bound in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2)):
         base = {k: v.to(dtype) if v.is_floating_point() else v for k, v in base64.items()}
-        got = lora.lora_tsv_merge(base, paths)
+        got = lora_tsv_merge(base, paths)
         for key in want:
             assert got[key].dtype == dtype
             # the adapters were saved in float32: their rounding, then the output cast, bound the error
@@ -181,10 +199,10 @@ def test_bad_adapters_are_refused_with_names(tmp_path):
         lora.load_adapter(save_adapter(tmp_path / "half", cfg, only_a))
     other = {k.replace("c_attn", "c_proj"): v for k, v in tensors.items()}
     with pytest.raises(ValueError, match="model.layers.0.mlp.c_proj.weight.*does not have"):
-        lora.lora_tsv_merge(base, [save_adapter(tmp_path / "other", cfg, other)])
+        lora_tsv_merge(base, [save_adapter(tmp_path / "other", cfg, other)])
     wrong = {k: (v[:, :20] if "lora_A" in k else v) for k, v in tensors.items()}
     with pytest.raises(ValueError, match=r"c_attn.weight.*shape \(20, 36\).*\(24, 36\)"):
-        lora.lora_tsv_merge(base, [save_adapter(tmp_path / "wrong", cfg, wrong)])
+        lora_tsv_merge(base, [save_adapter(tmp_path / "wrong", cfg, wrong)])
     pickled = tmp_path / "pickled"
     pickled.mkdir()
     (pickled / lora.CONFIG_NAME).write_text(json.dumps(cfg))
@@ -202,8 +220,10 @@ def test_cli_merges_adapter_folders(saved, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "LoRA adapters" in result.stdout
     out = load_file(str(tmp_path / "out.safetensors"))
-    want = lora.lora_tsv_merge(base32, paths, alpha=0.5)
-    assert out.keys() == want.keys() and all(torch.equal(out[k], v) for k, v in want.items())
+    want = lora_tsv_merge(base32, paths, alpha=0.5)
+    assert out.keys() == want.keys()
+    for key, value in want.items():
+        assert_same_result(key, out[key], value)  # another process: equal up to thread-count rounding
     mixed = cli("merge", "-b", tmp_path / "base.safetensors", paths[0], tmp_path / "base.safetensors",
                 "-o", tmp_path / "mixed.safetensors")
     assert mixed.returncode != 0 and "mix LoRA adapters" in mixed.stderr and not (tmp_path / "mixed.safetensors").exists()
@@ -216,8 +236,8 @@ def test_cli_merges_adapter_folders(saved, tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_lora_merge_on_cuda_matches_cpu(saved):
     base, _, paths = saved
-    cpu = lora.lora_tsv_merge(base, paths, compute_dtype=F64)
-    gpu = lora.lora_tsv_merge(base, paths, compute_dtype=F64, device="cuda")
+    cpu = lora_tsv_merge(base, paths, compute_dtype=F64)
+    gpu = lora_tsv_merge(base, paths, compute_dtype=F64, device="cuda")
     for key, value in cpu.items():
         assert gpu[key].device.type == "cpu"  # results return to the base's device
         if value.is_floating_point():

@@ -65,15 +65,19 @@ def test_exact_route_is_the_reference(compute_dtype):
     low_rank = task_matrices((30, 20), 3, rank=4, seed=5, dtype=compute_dtype)
     cases.append([{"w": d} for d in low_rank])
     cases.append([{"w": low_rank[0]}, {"w": low_rank[0].clone()}])  # identical fine-tunes merge to that task
-    bound = 1e-12 if compute_dtype == torch.float64 else 1e-6
     for tvs in cases:
         got, report = tsv_fast.fast_tsv_merge(tvs, compute_dtype=compute_dtype, min_rank=1, exact=True,
                                               return_report=True)
         want = reference.fast_tsv_merge(tvs, compute_dtype=compute_dtype, min_rank=1)
+        oracle = reference.fast_tsv_merge(tvs, compute_dtype=torch.float64, min_rank=1)
         assert report.backend == "exact"
         for key in want:
             assert got[key].dtype == compute_dtype
+            # two runs of the same float32 algorithm (batched vs one matrix at a time) differ by up
+            # to their own rounding error, amplified by the conditioning of the stacks: bound by it
+            bound = 1e-12 if compute_dtype == torch.float64 else max(1e-6, 3 * rel_fro(want[key], oracle[key]))
             assert_rel_close(f"exact {key} {tuple(want[key].shape)} T={len(tvs)}", got[key], want[key], bound)
+    bound = 1e-12 if compute_dtype == torch.float64 else 1e-6
     assert_rel_close("identical tasks", got["w"], low_rank[0], 100 * bound)
 
 
@@ -92,14 +96,15 @@ def test_exact_route_matches_the_authors_and_the_fast_route():
 
 
 def test_exact_route_streams_task_batches_and_rejects_other_backends():
-    from tsv_fast.checkpoint import DictCheckpoint
-    from tsv_fast.merge import Options, run_merge
+    from tsv_fast import Options, tsv_merge
+    from tsv_fast.io.checkpoint import DictCheckpoint
 
     pre = {"w": torch.randn(40, 30, dtype=torch.float64), "b": torch.zeros(30, dtype=torch.float64)}
     deltas = task_matrices((40, 30), 6, shared=0.4, seed=12)
     fts = [{"w": pre["w"] + d, "b": pre["b"] + i} for i, d in enumerate(deltas)]
-    options = Options(compute_dtype=torch.float64, max_chunk_bytes=2 * 40 * 30 * 8 * 3, exact=True)
-    merged, report = run_merge(DictCheckpoint(pre), [DictCheckpoint(ft) for ft in fts], options, alpha=0.7)
+    options = Options(compute_dtype=torch.float64, max_chunk_bytes=2 * 40 * 30 * 8 * 3, exact=True, alpha=0.7)
+    merged, report = tsv_merge(DictCheckpoint(pre), [DictCheckpoint(ft) for ft in fts], options=options,
+                               return_report=True)
     want = reference.tsv_merge(pre, fts, alpha=0.7, compute_dtype=torch.float64)
     assert report.backend == "exact"
     for key in want:
@@ -177,13 +182,13 @@ def test_backend_dispatch_reasons():
 
 
 def test_chunking_by_memory_budget_gives_the_same_result():
-    from tsv_fast.checkpoint import DictCheckpoint
-    from tsv_fast.merge import Options, run_merge
+    from tsv_fast import Options, fast_tsv_merge
+    from tsv_fast.io.checkpoint import DictCheckpoint
 
     tvs = [{f"blocks.{i}.w": d for i, d in enumerate(task_matrices((30, 20), 5, seed=j))} for j in range(3)]
     sources = [DictCheckpoint(tv) for tv in tvs]
-    one_by_one, _ = run_merge(None, sources, Options(compute_dtype=torch.float64, max_chunk_bytes=1))
-    batched, _ = run_merge(None, sources, Options(compute_dtype=torch.float64))
+    one_by_one = fast_tsv_merge(sources, options=Options(compute_dtype=torch.float64, max_chunk_bytes=1))
+    batched = fast_tsv_merge(sources, options=Options(compute_dtype=torch.float64))
     want = reference.fast_tsv_merge(tvs, compute_dtype=torch.float64)
     for key in want:
         assert_rel_close(key, one_by_one[key], want[key], FLOAT64_BOUND)
@@ -191,13 +196,13 @@ def test_chunking_by_memory_budget_gives_the_same_result():
 
 
 def test_tasks_are_batched_when_one_layer_exceeds_the_budget():
-    from tsv_fast.checkpoint import DictCheckpoint
-    from tsv_fast.merge import Options, run_merge
+    from tsv_fast import Options, fast_tsv_merge
+    from tsv_fast.io.checkpoint import DictCheckpoint
 
     tvs = [{"w": d} for d in task_matrices((40, 30), 6, shared=0.4, seed=12)]
     per_matrix = 40 * 30 * 8 * 3
     options = Options(compute_dtype=torch.float64, max_chunk_bytes=2 * per_matrix)  # two tasks at a time
-    merged, _ = run_merge(None, [DictCheckpoint(tv) for tv in tvs], options)
+    merged = fast_tsv_merge([DictCheckpoint(tv) for tv in tvs], options=options)
     want = reference.fast_tsv_merge(tvs, compute_dtype=torch.float64)
     assert_rel_close("task-batched", merged["w"], want["w"], FLOAT64_BOUND)
 

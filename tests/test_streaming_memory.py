@@ -59,7 +59,7 @@ def measure(args: list[str]) -> tuple[str, int]:
 def test_streamed_merge_peak_memory(tmp_path):
     paths, model_bytes, largest = write_checkpoints(tmp_path)
     all_checkpoints = (NUM_TASKS + 1) * model_bytes
-    _, baseline = measure(["-c", "import tsv_fast.cli, tsv_fast.io, tsv_fast.merge, tsv_fast.backends, tqdm"])
+    _, baseline = measure(["-c", "import tsv_fast.cli, tsv_fast.io, tsv_fast.api, tsv_fast.backends, tqdm"])
     chunk = 64 << 20
     exclude = [arg for pattern in EXCLUDE for arg in ("--exclude", pattern)]
     out, peak = measure(["tsv_fast", "merge", "--base", str(tmp_path / "pre.safetensors"), *map(str, paths),

@@ -1,4 +1,9 @@
-"""tsv_fast: fast, tested Task Singular Vectors model merging (TSV-M, TSV-C, STI).
+"""tsv_fast: fast, tested spectral model merging: TSV-M, TSV-C, STI, Iso-C and Iso-CTS.
+
+The package reads as its data flow: ``io`` (checkpoint sources, PEFT adapters, TSV-C files, sinks)
+-> ``engine`` (plan, memory-budgeted chunks of same-shape matrices, read-ahead) -> ``methods`` (what
+each method makes of a chunk) -> ``backends`` (the linear algebra: torch, triton, cusolver); ``api``
+holds the public functions, ``cli`` the ``tsv-fast`` command, ``reference`` the float64 twins.
 
 Importing this package is light: it never compiles, never initialises CUDA and needs neither
 triton nor the compiled extension; those load when a backend that uses them is asked for.
@@ -10,17 +15,20 @@ import importlib
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "fast_tsv_merge": "tsv_fast.merge",
-    "tsv_merge": "tsv_fast.merge",
-    "task_arithmetic": "tsv_fast.merge",
-    "Report": "tsv_fast.merge",
-    "compress": "tsv_fast.tsvc",
-    "CompressedTasks": "tsv_fast.tsvc",
-    "interference": "tsv_fast.sti",
-    "per_block": "tsv_fast.sti",
+    "merge": "tsv_fast.api",
+    "fast_tsv_merge": "tsv_fast.api",
+    "tsv_merge": "tsv_fast.api",
+    "task_arithmetic": "tsv_fast.api",
+    "compress": "tsv_fast.api",
+    "interference": "tsv_fast.api",
+    "lora_tsv_merge": "tsv_fast.api",
+    "Options": "tsv_fast.options",
+    "Report": "tsv_fast.engine.report",
+    "CompressedTasks": "tsv_fast.io.tsvc",
+    "per_block": "tsv_fast.methods.sti",
+    "get_method": "tsv_fast.methods",
     "available_backends": "tsv_fast.backends",
-    "lora_tsv_merge": "tsv_fast.lora",
-    "load_adapter": "tsv_fast.lora",
+    "load_adapter": "tsv_fast.io.peft",
 }
 
 __all__ = [*sorted(_EXPORTS), "reference", "__version__"]

@@ -26,6 +26,8 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
+from .options import is_merged_as_matrix, rank_per_task  # noqa: F401 - the rules, re-exported
+
 #: Singular values below this fraction of their task's largest are treated as exact zeros.
 ZERO_RTOL = 1e-6
 #: Eigenvalues of a stack Gram below ``GRAM_RTOL * dim * largest`` are treated as zeros.
@@ -35,18 +37,19 @@ GRAM_RTOL = 1e-15
 # ----------------------------------------------------------------------------------------------
 # Rules shared by every path
 # ----------------------------------------------------------------------------------------------
-def rank_per_task(shape: Sequence[int], num_tasks: int, rank_fraction: float | None = None,
-                  min_rank: int = 0) -> int:
-    """k = int(min(m, n) * rank_fraction), rank_fraction = 1/T by default (the authors' formula)."""
-    r = min(shape)
-    fraction = 1.0 / num_tasks if rank_fraction is None else float(rank_fraction)
-    k = int(r * fraction)
-    return min(r, max(k, int(min_rank)))
+def iso_cts_split(rank: int, num_tasks: int, common_space_fraction: float = 0.8) -> tuple[int, int]:
+    """Iso-CTS sizes for a matrix of rank r = min(m, n): (common directions, directions per task).
 
-
-def is_merged_as_matrix(key: str, shape: Sequence[int], exclude: Sequence[str]) -> bool:
-    """2-D parameters go through TSV; everything else (and excluded names) is averaged."""
-    return len(shape) == 2 and not any(pattern in key for pattern in exclude)
+    The authors' rule: common = int(f · r); the task-specific total (r − common) is rounded to a
+    multiple of T with Python's round (half to even) and common takes the rest, so that
+    common + T · per_task = r. Where that total would exceed r (tiny r, large T, small f; their code
+    breaks there) it is rounded down instead.
+    """
+    common = int(rank * common_space_fraction)
+    specific = round((rank - common) / num_tasks) * num_tasks
+    if specific > rank:
+        specific = (rank // num_tasks) * num_tasks
+    return rank - specific, specific // num_tasks
 
 
 # ----------------------------------------------------------------------------------------------
@@ -111,14 +114,29 @@ def topk_svd_ref(delta: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
     return u * keep.unsqueeze(-2), s * keep, v * keep.unsqueeze(-2)
 
 
+def drop_small(u: Tensor, sigma: Tensor, v: Tensor, floor: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Zero the triplets with σ <= ``floor`` (broadcast over the last axis of σ [..., k]).
+
+    For the factors of a residual (Δ minus its part inside a subspace), whose own σ₁ may be pure
+    rounding: its triplets are judged against the task's scale, ZERO_RTOL · ‖Δ‖_F, instead.
+    """
+    keep = sigma > floor.unsqueeze(-1)
+    return u * keep.unsqueeze(-2), sigma * keep, v * keep.unsqueeze(-2)
+
+
 def polar_ref(stack: Tensor) -> Tensor:
     """Orthogonal Procrustes / polar factor of X [..., m, K]: P Qᵀ from X = P D Qᵀ.
 
     Restricted to the numerical range of X (a partial isometry), so zero or repeated columns map to
-    zero instead of to arbitrary directions.
+    zero instead of to arbitrary directions. The range is judged at the precision of X's dtype: in
+    float32 a duplicated column leaves a singular value of rounding size, measured ≤ 7e-7 · d₁ for
+    stacks up to 3072 × 768, so 64 ε (7.6e-6) separates it from real near-dependencies (4e-5 · d₁
+    seen in Iso-CTS stacks, which every isotropic merge weighs fully).
     """
     p, d, qh = torch.linalg.svd(stack, full_matrices=False)
-    keep = d > (GRAM_RTOL * max(stack.shape[-1], 1) * d[..., :1].square()).sqrt()
+    width = max(stack.shape[-1], 1)
+    rtol = max((GRAM_RTOL * width) ** 0.5, 64 * torch.finfo(stack.dtype).eps)
+    keep = d > rtol * d[..., :1]
     return (p * keep.unsqueeze(-2)) @ qh
 
 
@@ -246,6 +264,58 @@ def interference(task_vectors: Sequence[Mapping[str, Tensor]], *, rank_fraction:
             u, v = polar_ref(u), polar_ref(v)
         result[key] = float(sti_ref(u.mT @ u, s, v.mT @ v))
     return result
+
+
+def iso_c(task_vectors: Sequence[Mapping[str, Tensor]], *, exclude: Sequence[str] = ("text_projection",),
+          compute_dtype: torch.dtype = torch.float32, **_ignored) -> dict[str, Tensor]:
+    """Iso-C merged task vector M (α not applied): per matrix, the SVD of S = Σₜ Δₜ with every one of
+    its r = min(m, n) singular values replaced by their mean, M = mean(σ) · U Vᵀ; other keys: the mean
+    task vector. Numerically zero triplets of S (σ <= ZERO_RTOL σ₁) count as zeros in the mean and
+    add no direction (the authors' code would add arbitrary ones there)."""
+    _check_same_layout(task_vectors)
+    merged = {}
+    for key, first in task_vectors[0].items():
+        deltas = [tv[key].to(compute_dtype) for tv in task_vectors]
+        if not is_merged_as_matrix(key, first.shape, exclude):
+            merged[key] = (sum(deltas) / len(deltas)).to(first.dtype)
+            continue
+        r = min(first.shape)
+        u, s, v = topk_svd_ref(sum(deltas), r)
+        merged[key] = ((s.sum() / r) * (u @ v.mT)).to(first.dtype)
+    return merged
+
+
+def iso_cts(task_vectors: Sequence[Mapping[str, Tensor]], *, common_space_fraction: float = 0.8,
+            exclude: Sequence[str] = ("text_projection",), compute_dtype: torch.dtype = torch.float32,
+            **_ignored) -> dict[str, Tensor]:
+    """Iso-CTS merged task vector M (α not applied). Per matrix: (common, s) = iso_cts_split(r, T, f);
+    the top-common triplets (U_c, σ_c, V_c) of S = Σₜ Δₜ; per task the top-s triplets of its left
+    residual Δₜ − U_c U_cᵀ Δₜ; M = mean(all r stacked σ) · polar([U₁ … U_T, U_c]) polar([V₁ … V_T, V_c])ᵀ.
+    Other keys: the mean task vector."""
+    _check_same_layout(task_vectors)
+    num_tasks = len(task_vectors)
+    merged = {}
+    for key, first in task_vectors[0].items():
+        deltas = [tv[key].to(compute_dtype) for tv in task_vectors]
+        if not is_merged_as_matrix(key, first.shape, exclude):
+            merged[key] = (sum(deltas) / num_tasks).to(first.dtype)
+            continue
+        r = min(first.shape)
+        common, per_task = iso_cts_split(r, num_tasks, common_space_fraction)
+        parts = []
+        u_c = None
+        if common:
+            u_c, s_c, v_c = topk_svd_ref(sum(deltas), common)
+        if per_task:  # each task's directions outside the common subspace, at the task's own scale
+            residuals = [d - u_c @ (u_c.mT @ d) if u_c is not None else d for d in deltas]
+            factors = [drop_small(*topk_svd_ref(res, per_task), ZERO_RTOL * torch.linalg.matrix_norm(d))
+                       for res, d in zip(residuals, deltas)]
+            parts.append(tuple(torch.cat(f, dim=-1) for f in zip(*factors)))
+        if common:
+            parts.append((u_c, s_c, v_c))
+        u, s, v = (torch.cat(p, dim=-1) for p in zip(*parts))
+        merged[key] = ((s.sum() / r) * (polar_ref(u) @ polar_ref(v).mT)).to(first.dtype)
+    return merged
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,8 +1,8 @@
 """Checkpoints as the merge engine sees them: named tensors read one key at a time.
 
 A ``Checkpoint`` answers ``keys()``, ``shape(key)``, ``dtype(key)`` and ``load(key)``; the engine never
-asks for more than one group of keys at once, so a file-backed checkpoint (tsv_fast.io) streams. A
-``Sink`` receives merged tensors key by key. The in-memory versions live here.
+asks for more than one group of keys at once, so a file-backed checkpoint (``io.sources``) streams.
+A ``Sink`` receives outputs key by key. The in-memory versions live here.
 """
 from __future__ import annotations
 
@@ -76,9 +76,9 @@ def as_checkpoint(source: object, name: str) -> Checkpoint:
                 raise TypeError(f"{name}: key {key!r} holds a {type(value).__name__}, not a tensor")
         return DictCheckpoint(source, name=name)
     if isinstance(source, (str, os.PathLike)):
-        from . import io  # file formats are loaded only when a path is given
+        from .sources import open_checkpoint  # file formats load only when a path is given
 
-        return io.open_checkpoint(source)
+        return open_checkpoint(source)
     raise TypeError(f"{name}: expected a state dict, an nn.Module or a checkpoint path, got {type(source).__name__}")
 
 

@@ -1,0 +1,165 @@
+"""The public functions: thin wrappers that build a task source, a method and a sink, and run them.
+
+Every function takes the shared options (``tsv_fast.Options``: alpha, rank_fraction, exclude,
+compute_dtype, backend, device, max_chunk_bytes, exact, ...) either as ``options=Options(...)`` or as
+keywords, and a method's own parameters as keywords too (e.g. ``common_space_fraction`` for iso-cts).
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from .engine.run import run
+from .engine.sources import DenseTasks
+from .io.checkpoint import Sink, as_checkpoint
+from .methods import Method, get_method, method_parameters
+from .options import Options
+
+
+def _split(method: str | Method, options: Options | None, keywords: dict) -> tuple[Method, Options]:
+    """Keywords that name a method parameter go to the method, the rest to Options (unknown: error)."""
+    own = method_parameters(method) if isinstance(method, str) else []
+    params = {name: keywords.pop(name) for name in list(keywords) if name in own}
+    shared = [f.name for f in dataclasses.fields(Options)]
+    unknown = sorted(set(keywords) - set(shared))
+    if unknown:
+        name = method if isinstance(method, str) else method.name
+        raise TypeError(f"unknown option(s) {unknown} for method {name!r}; its own parameters: {own or 'none'}; "
+                        f"shared options: {shared}")
+    return get_method(method, **params), Options.of(options, **keywords)
+
+
+def _dense(pretrained, finetuned: Sequence, weights: Sequence[float] | None = None) -> DenseTasks:
+    base = as_checkpoint(pretrained, "the pretrained checkpoint") if pretrained is not None else None
+    return DenseTasks(base, [as_checkpoint(ft, f"fine-tuned checkpoint {i}") for i, ft in enumerate(finetuned)],
+                      weights)
+
+
+def merge(pretrained, finetuned: Sequence, *, method: str | Method = "tsv-m", weights: Sequence[float] | None = None,
+          sink: Sink | None = None, options: Options | None = None, return_report: bool = False, **keywords):
+    """Merged weights W_pre + α·M of T fine-tuned models with any merge method.
+
+    Args:
+        pretrained: state dict, nn.Module or checkpoint path (safetensors file, model folder, .pt/.bin).
+        finetuned: T of the same kind.
+        method: "tsv-m" (default), "iso-c", "iso-cts", "ta" (Task Arithmetic), or a Method object.
+        weights: per-task scale of each task vector before anything else (default 1).
+        sink: where outputs go (default: a dict returned to the caller; e.g. io.SafetensorsSink).
+        options / keywords: the shared options (see tsv_fast.Options) and the method's parameters.
+
+    Example:
+        >>> merged = tsv_fast.merge(pre_sd, [ft_a, ft_b, ft_c], method="iso-cts", alpha=1.5)
+    """
+    method, options = _split(method, options, keywords)
+    if method.writes != "weights":
+        raise ValueError(f"method {method.name!r} does not write weights; use tsv_fast.compress / interference")
+    result, report = run(_dense(pretrained, finetuned, weights), method, options, sink)
+    return (result, report) if return_report else result
+
+
+def tsv_merge(pretrained, finetuned: Sequence, *, sink: Sink | None = None, options: Options | None = None,
+              return_report: bool = False, **keywords):
+    """TSV-M merged weights W_pre + α·M (α = 1.0 by default, the paper's). Inputs as in ``merge``.
+
+    Keywords: any field of tsv_fast.Options (alpha, rank_fraction, rank_overrides, min_rank, exclude,
+    compute_dtype, backend, device, max_chunk_bytes, progress, exact). Inputs are never modified.
+    """
+    return merge(pretrained, finetuned, method="tsv-m", sink=sink, options=options, return_report=return_report,
+                 **keywords)
+
+
+def fast_tsv_merge(task_vectors: Sequence[Mapping[str, Tensor]], *, options: Options | None = None,
+                   return_report: bool = False, **keywords):
+    """TSV-M merged task vector M (α not applied), a drop-in for the authors'
+    ``compute_and_sum_svd_mem_reduction``.
+
+    Args:
+        task_vectors: T dicts key -> Δᵢ (same keys and shapes; fp32, bf16 or fp16).
+        options / keywords: tsv_fast.Options fields except alpha: rank_fraction (k = int(min(m, n) ·
+            rank_fraction), 1/T by default), exclude (2-D keys containing these are averaged), backend
+            ("auto" | "torch" | "triton" | "cusolver"), device, compute_dtype (float32: Grams and
+            eigensolvers still in float64; or float64), min_rank, rank_overrides, max_chunk_bytes,
+            exact (the authors' full-SVD route), progress.
+        return_report: also return a Report (per-layer κ(U), κ(V), numerical ranks, timings).
+
+    Returns:
+        dict key -> M (same shapes and dtypes). Inputs are never modified.
+
+    Example:
+        >>> merged_tv = fast_tsv_merge([tv_mnist, tv_svhn, tv_cars])
+        >>> model.load_state_dict({k: w + merged_tv[k] for k, w in pretrained.items()})
+    """
+    if "alpha" in keywords:
+        raise TypeError("fast_tsv_merge returns M without α (as the authors' function); use tsv_merge for W_pre + α·M")
+    return merge(None, task_vectors, method="tsv-m", options=options, return_report=return_report, **keywords)
+
+
+def task_arithmetic(pretrained, finetuned: Sequence, *, alpha: float = 1.0,
+                    compute_dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
+    """Task Arithmetic baseline: W_pre + α Σᵢ (W_ftᵢ − W_pre), streamed key by key."""
+    return merge(pretrained, finetuned, method="ta", alpha=alpha, compute_dtype=compute_dtype)
+
+
+def compress(pretrained, finetuned: Sequence, *, storage_dtype: torch.dtype = torch.float32,
+             options: Options | None = None, **keywords):
+    """TSV-C: each task's top-k singular triplets per matrix (k = int(min(m, n)/T) by default).
+
+    ``pretrained=None`` takes ``finetuned`` as task vectors; ``exact=True`` takes the factors from
+    full SVDs in ``compute_dtype`` (the authors' route). Returns an io.tsvc.CompressedTasks.
+    Storage per matrix: k(m + n + 1) numbers per task instead of mn, so T tasks take about
+    (m + n)/max(m, n) / T of the dense task vectors: 2/T for square matrices.
+
+    Example:
+        >>> packed = compress(pretrained_sd, [ft_a, ft_b, ft_c])
+        >>> weights_b = packed.reconstruct(1, pretrained_sd)
+    """
+    from .methods.tsv_c import CompressedSink
+
+    source = _dense(pretrained, finetuned)
+    result, _ = run(source, get_method("tsv-c", storage_dtype=storage_dtype), Options.of(options, **keywords),
+                    CompressedSink(source.reference, source.num_tasks))
+    return result
+
+
+def interference(pretrained, finetuned: Sequence, *, orthogonalized: bool = False, options: Options | None = None,
+                 **keywords) -> dict[str, float]:
+    """STI = ‖(UᵀU − I) Σ (VᵀV − I)‖₁ for every factored matrix key (paper Eq. 7), in checkpoint order.
+
+    ``pretrained=None`` takes ``finetuned`` as task vectors. With ``orthogonalized=True`` the stacks
+    are first replaced by their polar factors U⊥, V⊥ (the interference left after TSV-M). Layers with
+    k = 0 or all-zero task vectors are left out. Computed in float64 unless compute_dtype is given.
+
+    Example:
+        >>> sti = interference(pretrained_sd, finetuned_sds)
+        >>> per_block(sti)   # {'visual.transformer.resblocks.0': 12.3, ...}
+    """
+    keywords.setdefault("compute_dtype", torch.float64)
+    source = _dense(pretrained, finetuned)
+    scores, _ = run(source, get_method("sti", orthogonalized=orthogonalized), Options.of(options, **keywords))
+    order = {key: i for i, key in enumerate(source.reference.keys())}
+    return dict(sorted(scores.items(), key=lambda item: order[item[0]]))
+
+
+def lora_tsv_merge(pretrained, adapters: Sequence, *, method: str | Method = "tsv-m", sink: Sink | None = None,
+                   options: Options | None = None, return_report: bool = False, **keywords):
+    """Merged weights W_pre + α·M from a base model and T PEFT LoRA adapters of it.
+
+    ``adapters``: adapter folders / files (PEFT format) or io.peft.LoraAdapter objects. The top-k
+    triplets of each update come from its low-rank factors, so no m×n task vector of a LoRA weight
+    is ever formed; the result equals ``merge`` on the dense fine-tunes. Options as in ``merge``.
+
+    Example:
+        >>> merged = lora_tsv_merge("llama-7b/", ["lora-math/", "lora-code/", "lora-chat/"])
+    """
+    from .engine.adapters import AdapterTasks
+    from .io.peft import LoraAdapter, load_adapter
+
+    method, options = _split(method, options, keywords)
+    base = as_checkpoint(pretrained, "the pretrained checkpoint")
+    tasks = [a if isinstance(a, LoraAdapter) else load_adapter(a) for a in adapters]
+    # STI comes with the report: the stacks are only Σ rₜ wide, so it costs next to nothing here
+    result, report = run(AdapterTasks(base, tasks), method, options, sink, compute_sti=True)
+    return (result, report) if return_report else result

@@ -1,0 +1,37 @@
+"""The ``tsv-fast`` typer application; each command family registers itself from its module."""
+from __future__ import annotations
+
+import typer
+
+from ..engine.heap import bound_heap_growth
+
+app = typer.Typer(
+    help=("Task Singular Vectors (TSV, CVPR 2025) model merging at bounded memory.\n\n"
+          "Quick start:  tsv-fast demo\n\n"
+          "Merge:  tsv-fast merge --base pretrained.safetensors ft_a.safetensors ft_b.safetensors -o merged.safetensors\n\n"
+          "Inputs may be safetensors files, Hugging Face model folders (sharded or not) or torch .pt/.bin "
+          "state dicts. Run `tsv-fast COMMAND --help` for each command's options."),
+    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+
+# Keys a merge config (YAML) may hold, in the spirit of mergekit.
+
+
+def _interrupt_on_sigterm() -> None:
+    """Treat SIGTERM (kill, a scheduler's time limit) like Ctrl-C, so the sink removes its temporaries."""
+    import signal
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread (e.g. called from a test runner): leave it
+        pass
+
+
+@app.callback()
+def _setup() -> None:
+    bound_heap_growth()
+    _interrupt_on_sigterm()
+
+

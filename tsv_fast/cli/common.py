@@ -1,0 +1,127 @@
+"""What every command shares: one-line errors, sizes, the summary line, opening inputs."""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+class CliError(Exception):
+    """A user-facing error: printed without a traceback."""
+
+
+
+# ------------------------------------------------------------------------------------------------
+# Small helpers
+# ------------------------------------------------------------------------------------------------
+def parse_size(text: str | int | None) -> int | None:
+    """'5GB', '500MB', '2GiB', '1048576' -> bytes (None, '' and '0' mean no limit)."""
+    if text is None or text == "" or text == 0:
+        return None
+    if isinstance(text, int):
+        return text
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+    raw = str(text).strip().upper().replace(" ", "")
+    number = raw.rstrip("KMGTIB")
+    unit = raw[len(number):]
+    if unit not in units or not number:
+        raise CliError(f"cannot read size {text!r}; write e.g. 5GB, 500MB or 2GiB")
+    value = int(float(number) * units[unit])
+    return value or None
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process.
+
+    On Linux VmHWM of /proc/self/status: ru_maxrss survives fork and exec, so a child started by a
+    large parent would report the parent's size. Elsewhere getrusage (macOS reports bytes, others KiB).
+    """
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def path_size(path: Path) -> int:
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.iterdir() if p.is_file())
+    if path.name.endswith(".index.json"):
+        index = json.loads(path.read_text())
+        return sum((path.parent / name).stat().st_size for name in set(index["weight_map"].values()))
+    return path.stat().st_size if path.exists() else 0
+
+
+def summary(started: float, output: Path | None) -> None:
+    parts = [f"done in {time.perf_counter() - started:.1f} s", f"peak memory {human_bytes(peak_rss_bytes())}"]
+    if output is not None:
+        parts.append(f"output {human_bytes(path_size(output))} at {output}")
+    typer.echo(" | ".join(parts))
+
+
+def fail(exc: BaseException) -> None:
+    typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
+    raise typer.Exit(1)
+
+
+def run_command(body):
+    """Run a command body; user errors print one line, Ctrl-C says that nothing was written."""
+    try:
+        return body()
+    except KeyboardInterrupt:
+        typer.secho("interrupted: no output was written (temporary files removed)", err=True)
+        raise typer.Exit(130)
+    except (CliError, ValueError, FileNotFoundError, OSError, RuntimeError, TypeError) as exc:
+        if os.environ.get("TSV_FAST_DEBUG"):  # the full traceback, for bug reports
+            raise
+        fail(exc)
+
+
+def lora_models(models: list) -> bool:
+    """True when every model is a PEFT LoRA adapter; an error when adapters and checkpoints mix."""
+    from ..io.peft import is_adapter
+
+    if not models:
+        raise CliError("no fine-tuned models given (pass paths, or `models:` in the config)")
+    adapters = [str(m) for m in models if is_adapter(m)]
+    if adapters and len(adapters) != len(models):
+        others = [str(m) for m in models if not is_adapter(m)]
+        raise CliError(f"the models mix LoRA adapters ({adapters[0]}, ...) and full checkpoints ({others[0]}, ...); "
+                       "merge one kind at a time")
+    return bool(adapters)
+
+
+def open_all(base: Optional[Path], models: list[Path], allow_pickle: bool):
+    from ..io.sources import open_checkpoint
+
+    if lora_models(models):
+        raise CliError(f"{models[0]} is a LoRA adapter: `tsv-fast merge` takes adapters; this command needs "
+                       "full checkpoints")
+    pre = open_checkpoint(base, allow_pickle=allow_pickle) if base is not None else None
+    return pre, [open_checkpoint(m, allow_pickle=allow_pickle) for m in models]
+
+
+def parse_dtype_option(name: Optional[str]):
+    from ..options import parse_dtype
+
+    return parse_dtype(name) if name else None
+
+

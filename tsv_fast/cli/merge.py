@@ -1,0 +1,176 @@
+"""``tsv-fast merge``: full checkpoints or LoRA adapters into one model, streamed to safetensors."""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .app import app
+from .common import CliError, lora_models, open_all, run_command, summary
+from .config import KEYS, MergeJob, _typed, load_config
+
+
+@app.command()
+def merge(
+    models: Optional[list[Path]] = typer.Argument(None, help="Fine-tuned checkpoints (files or model folders), or PEFT LoRA adapter folders of the base."),
+    base: Optional[Path] = typer.Option(None, "--base", "-b", help="The pretrained checkpoint all models were fine-tuned from."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output: a .safetensors file, or a folder (gets model.safetensors)."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config (base_model, models, merge_method, alpha, ...); flags override it."),
+    method: Optional[str] = typer.Option(None, "--method", "-m", help="tsv-m | iso-c | iso-cts | ta. Default: tsv-m."),
+    alpha: Optional[float] = typer.Option(None, help="Scale of the merged task vector: W = W_pre + alpha*M. Default: 1.0."),
+    rank_fraction: Optional[float] = typer.Option(None, help="TSV per-task rank k = int(min(m,n) * fraction). Default: 1/T."),
+    common_space_fraction: Optional[float] = typer.Option(None, help="iso-cts: share of the common subspace. Default: 0.8."),
+    min_rank: Optional[int] = typer.Option(None, help="TSV: at least this many triplets per task (1 keeps layers with min(m,n) < T). Default: 0."),
+    rank_override: Optional[list[str]] = typer.Option(None, help="TSV: PATTERN=K (a rank) or PATTERN=0.25 (a fraction) for keys matching the glob PATTERN (repeatable)."),
+    exclude: Optional[list[str]] = typer.Option(None, help="2-D keys containing this text are averaged, not factored (repeatable). Default: text_projection."),
+    dtype: Optional[str] = typer.Option(None, help="Compute dtype: float32 or float64. Default: float32."),
+    out_dtype: Optional[str] = typer.Option(None, help="Output dtype for floating tensors (e.g. bfloat16). Default: the base model's."),
+    device: Optional[str] = typer.Option(None, help="Where to compute: cpu, cuda, cuda:1. Default: cpu."),
+    max_shard_size: Optional[str] = typer.Option(None, help="Split the output into shards of at most this size, e.g. 5GB (writes an index.json)."),
+    backend: Optional[str] = typer.Option(None, help="auto | torch | triton | cusolver. Default: auto."),
+    max_chunk_size: Optional[str] = typer.Option(None, help="Working-memory budget per chunk of same-shape layers. Default: 256MB."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow torch files that need unpickling (runs code from the file: trusted files only)."),
+    report: Optional[Path] = typer.Option(None, help="Write a JSON report: per-layer rank k, conditioning and STI."),
+    progress: bool = typer.Option(True, help="Show progress bars."),
+    exact: bool = typer.Option(False, "--exact", help="The authors' full-SVD route (one SVD per task, Procrustes by SVD) in the compute dtype: their numerics, about 2.5x slower."),
+):
+    """Merge fine-tuned checkpoints (or PEFT LoRA adapters) into one model, streamed to safetensors.
+
+    Example:  tsv-fast merge -b pre.safetensors ft1.safetensors ft2.safetensors -o merged.safetensors
+
+    Methods:  --method tsv-m (default, TSV-M), iso-c, iso-cts (Iso-C / Iso-CTS), ta (Task Arithmetic)
+
+    LoRA:  tsv-fast merge -b llama-7b/ lora-math/ lora-code/ -o merged/   (adapter folders with
+    adapter_config.json; their SVDs come from the low-rank factors, never from dense deltas)
+
+    Or with a YAML config (keys: base_model, models, merge_method, parameters, alpha, rank_fraction,
+    exclude, dtype, out_dtype, device, max_shard_size, backend, output, exact):  tsv-fast merge -c merge.yaml
+    """
+    def body():
+        job = load_config(config) if config else MergeJob()
+        if models:
+            job.models, job.weights = [str(m) for m in models], None
+        job.base_model = str(base) if base else job.base_model
+        job.output = str(output) if output else job.output
+        flags = {"merge_method": method, "alpha": alpha, "rank_fraction": rank_fraction, "min_rank": min_rank,
+                 "rank_overrides": parse_overrides(rank_override) if rank_override else None,
+                 "common_space_fraction": common_space_fraction, "exclude": list(exclude) if exclude else None,
+                 "dtype": dtype, "out_dtype": out_dtype, "device": device, "max_shard_size": max_shard_size,
+                 "backend": backend, "max_chunk_size": max_chunk_size, "allow_pickle": allow_pickle or None,
+                 "exact": exact or None}
+        for key, value in flags.items():
+            if value is not None:
+                job.values[key] = _typed(f"--{key.replace('_', '-')}", KEYS[key], value)
+        if not job.base_model:
+            raise CliError("no base model: pass --base PATH (or base_model: in the config)")
+        if not job.output:
+            raise CliError("no output: pass --output PATH (or output: in the config)")
+        if not job.models:
+            raise CliError("no fine-tuned models given (pass paths, or models: in the config)")
+        return run_merge_command(job, report_path=report, progress=progress)
+
+    run_command(body)
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """['*.attn.*=32', 'visual.proj=0.5'] -> {pattern: int rank or float fraction}."""
+    out = {}
+    for item in items:
+        pattern, sep, value = item.rpartition("=")
+        try:
+            out[pattern] = float(value) if "." in value else int(value)
+        except ValueError:
+            sep = ""
+        if not sep or not pattern:
+            raise CliError(f"--rank-override {item!r}: expected PATTERN=K (a rank) or PATTERN=0.25 (a fraction)")
+    return out
+
+
+def job_options(job: MergeJob, progress: bool):
+    """The engine's Options and the method of a merge job."""
+    from ..methods import get_method
+    from ..options import Options
+
+    name = job.get("merge_method", "tsv-m")
+    fraction = job.get("common_space_fraction")
+    if fraction is not None and name != "iso-cts":
+        raise CliError(f"common_space_fraction is a parameter of iso-cts, not of {name}")
+    options = Options(alpha=job.get("alpha", 1.0), rank_fraction=job.get("rank_fraction"),
+                      min_rank=job.get("min_rank", 0), rank_overrides=job.get("rank_overrides"),
+                      exclude=tuple(job.get("exclude", ["text_projection"])), compute_dtype=job.get("dtype", "float32"),
+                      backend=job.get("backend"), device=job.get("device"),
+                      max_chunk_bytes=job.get("max_chunk_size", 256 << 20), progress=progress,
+                      exact=job.get("exact", False))
+    return options, get_method(name, **({"common_space_fraction": fraction} if fraction is not None else {}))
+
+
+def run_merge_command(job: MergeJob, *, report_path: Optional[Path] = None, progress: bool = True,
+                      quiet: bool = False):
+    """The merge behind ``tsv-fast merge`` and ``tsv-fast demo``: returns (output path, Report)."""
+    from .. import __version__
+    from ..engine.run import run
+    from ..engine.sources import DenseTasks
+    from ..io.sink import SafetensorsSink
+    from ..io.sources import checkpoint_nbytes, open_checkpoint
+
+    started = time.perf_counter()
+    options, method = job_options(job, progress)
+    allow_pickle = job.get("allow_pickle", False)
+    lora = lora_models(job.models)
+    if lora and options.exact:
+        raise CliError("--exact is for full checkpoints: the SVD of a LoRA update is already exact (from its factors)")
+    if lora:
+        from ..engine.adapters import AdapterTasks
+        from ..io.peft import load_adapter
+
+        if job.weights is not None:
+            raise CliError("per-model weights are not supported for LoRA adapters")
+        pre = open_checkpoint(job.base_model, allow_pickle=allow_pickle)
+        source = AdapterTasks(pre, [load_adapter(m) for m in job.models])
+    else:
+        pre, fts = open_all(Path(job.base_model), [Path(m) for m in job.models], allow_pickle)
+        source = DenseTasks(pre, fts, job.weights)
+    out_dtype = job.get("out_dtype")
+    sink = SafetensorsSink(
+        job.output, max_shard_bytes=job.get("max_shard_size"), inputs=[job.base_model, *job.models],
+        expected_bytes=checkpoint_nbytes(pre, out_dtype), out_dtype=out_dtype,
+        extra_metadata={"rank_rule": "k = int(min(m, n) * rank_fraction) per task, rank_fraction = 1/T by default",
+                        "T": str(source.num_tasks), "dtype": str(out_dtype or _main_dtype(pre)).replace("torch.", ""),
+                        "exclude": ",".join(options.exclude), "package": f"tsv_fast {__version__}",
+                        "base_model": Path(job.base_model).name,
+                        "models": json.dumps([Path(m).name for m in job.models]),
+                        **({"weights": json.dumps(job.weights)} if job.weights else {})})
+    if not quiet:
+        kind = "LoRA adapters" if lora else "models"
+        typer.echo(f"merging {source.num_tasks} {kind} into {job.output} with {method.name} (base {pre.name})")
+    out_path, rep = run(source, method, options, sink, compute_sti=method.name == "tsv-m")
+    if report_path is not None:
+        write_report(report_path, rep)
+    if not quiet:
+        summary(started, Path(out_path))
+    return Path(out_path), rep
+
+
+def _main_dtype(ckpt) -> object:
+    counts: dict = {}
+    for key in ckpt.keys():
+        counts[ckpt.dtype(key)] = counts.get(ckpt.dtype(key), 0) + 1
+    return max(counts, key=counts.get)
+
+
+def write_report(path: Path, rep) -> None:
+    layers = {key: {"shape": list(layer.shape), "k": layer.k, "kappa_u": _finite(layer.kappa_u),
+                    "kappa_v": _finite(layer.kappa_v), "rank_u": layer.rank_u, "rank_v": layer.rank_v,
+                    "sti": _finite(layer.sti)} for key, layer in rep.layers.items()}
+    data = {"method": rep.method, "backend": rep.backend, "num_tasks": rep.num_tasks, "seconds": rep.seconds,
+            "layers": layers, "averaged": rep.averaged, "zero_rank": rep.zero_rank, "zero_delta": rep.zero_delta}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2))
+
+
+def _finite(x: float):
+    return x if math.isfinite(x) else None

@@ -1,0 +1,83 @@
+"""``tsv-fast compress`` (TSV-C task libraries) and ``tsv-fast reconstruct``."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .app import app
+from .common import CliError, human_bytes, open_all, parse_dtype_option, run_command, summary
+
+
+@app.command()
+def compress(
+    models: list[Path] = typer.Argument(..., help="Fine-tuned checkpoints."),
+    base: Path = typer.Option(..., "--base", "-b", help="The pretrained checkpoint."),
+    output: Path = typer.Option(..., "--output", "-o", help="The TSV-C file to write (e.g. tasks.tsvc.safetensors)."),
+    rank_fraction: Optional[float] = typer.Option(None, help="Per-task rank k = int(min(m,n) * fraction). Default: 1/T."),
+    exclude: Optional[list[str]] = typer.Option(None, help="2-D keys containing this text are stored dense. Default: text_projection."),
+    storage_dtype: str = typer.Option("float32", help="dtype of the stored factors (float32, bfloat16, float16)."),
+    device: Optional[str] = typer.Option(None, help="Where to compute. Default: cpu."),
+    backend: Optional[str] = typer.Option(None, help="auto | torch | triton | cusolver."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickled torch files (trusted files only)."),
+    exact: bool = typer.Option(False, "--exact", help="Factors from full SVDs (the authors' route) instead of the float64 Gram route."),
+):
+    """TSV-C: keep each task's top-k singular vectors per layer in one file (about 1/T of the task vectors)."""
+    def body():
+        from ..api import compress as tsv_compress
+        from ..io.tsvc import save_compressed
+
+        started = time.perf_counter()
+        pre, fts = open_all(base, list(models), allow_pickle)
+        if output.resolve() in {Path(p).resolve() for p in [base, *models]}:
+            raise CliError(f"output {output} is one of the inputs")
+        packed = tsv_compress(pre, fts, rank_fraction=rank_fraction,
+                              exclude=tuple(exclude) if exclude else ("text_projection",),
+                              backend=backend, device=device, storage_dtype=parse_dtype_option(storage_dtype),
+                              progress=True, exact=exact)
+        packed.metadata.update({"base_model": base.name, "models": json.dumps([m.name for m in models])})
+        storage = save_compressed(output, packed)
+        typer.echo(f"stored {storage['stored_numbers']:,} numbers for {len(fts)} tasks instead of "
+                   f"{storage['dense_numbers']:,} ({storage['ratio']:.1%}); file {human_bytes(storage['file_bytes'])} "
+                   f"vs {human_bytes(storage['dense_bytes'])} of dense task vectors")
+        summary(started, output)
+
+    run_command(body)
+
+
+@app.command()
+def reconstruct(
+    compressed: Path = typer.Argument(..., help="A TSV-C file written by `tsv-fast compress`."),
+    task: int = typer.Option(..., "--task", "-t", help="Which task to rebuild (0-based, in the order given to compress)."),
+    base: Optional[Path] = typer.Option(None, "--base", "-b", help="Pretrained checkpoint; without it the task vector is written."),
+    output: Path = typer.Option(..., "--output", "-o", help="Output .safetensors file or folder."),
+    out_dtype: Optional[str] = typer.Option(None, help="Output dtype for floating tensors. Default: the original's."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow a pickled base checkpoint (trusted files only)."),
+):
+    """Rebuild one task's model from a TSV-C file: W_pre + U_i diag(s_i) V_i^T per layer."""
+    def body():
+        from ..io.sink import SafetensorsSink
+        from ..io.sources import open_checkpoint
+        from ..io.tsvc import load_compressed
+
+        started = time.perf_counter()
+        packed = load_compressed(compressed)
+        pre = open_checkpoint(base, allow_pickle=allow_pickle) if base is not None else None
+        weights = packed.reconstruct(task, pre)
+        sink = SafetensorsSink(output, inputs=[compressed, *([base] if base else [])], out_dtype=parse_dtype_option(out_dtype))
+        try:
+            for key, tensor in weights.items():
+                sink.write(key, tensor)
+            sink.close({"method": "tsv-c reconstruct", "task": str(task), "source": compressed.name,
+                        "output": "weights" if base else "task_vector"})
+        except BaseException:
+            sink.abort()
+            raise
+        summary(started, output)
+
+    run_command(body)
+
+

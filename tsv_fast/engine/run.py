@@ -1,0 +1,121 @@
+"""The driver of every run: plan, then stream each group of same-shape matrices through a method.
+
+Data flow (DESIGN.md §3): a task source -> a plan (which keys are factored, in which same-shape
+groups, which are combined elementwise, which pass through) -> per chunk of a group: the method asks
+the chunk for what it needs (each task's top-k factors, the sum of the task vectors) and makes its
+output (merged weights, TSV-C factors, STI) -> sink. Peak memory is one chunk × T, never T models.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..backends import Backend, ExactBackend, resolve_backend
+from ..io.checkpoint import DictSink, Sink
+from ..options import Options, dtype_name
+from ..reference import warn_zero_rank
+from .heap import bound_heap_growth
+from .plan import make_plan
+from .report import Report
+
+log = logging.getLogger("tsv_fast")
+
+
+@dataclass
+class Context:
+    """What a method sees besides its chunk."""
+
+    backend: Backend
+    options: Options
+    device: torch.device
+    num_tasks: int
+    compute_sti: bool = False
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self.options.compute_dtype
+
+
+def backend_for(options: Options, device: torch.device) -> Backend:
+    """The backend of a run: the named/auto one, or the full-SVD route when ``options.exact``."""
+    if not options.exact:
+        return resolve_backend(options.backend, device)
+    if options.backend not in (None, "auto", "torch"):
+        raise ValueError(f"exact=True runs the full-SVD route with torch.linalg.svd; it cannot use "
+                         f"backend={options.backend!r} (pass backend='auto' or 'torch')")
+    return ExactBackend(options.compute_dtype)
+
+
+def run(source, method, options: Options, sink: Sink | None = None, *, compute_sti: bool = False,
+        metadata: dict[str, str] | None = None) -> tuple[object, Report]:
+    """Run ``method`` over ``source``; the sink receives one output per key. Returns what the sink's
+    ``close`` returns (a dict for DictSink, a path for file sinks) and the Report."""
+    started = time.perf_counter()
+    bound_heap_growth()
+    method.check_options(options)
+    source.check()
+    plan = make_plan(source, method, options)
+    device = torch.device(options.device) if options.device is not None else source.reference.device
+    backend = backend_for(options, device)
+    report = Report(backend=backend.name, method=method.name, num_tasks=source.num_tasks,
+                    averaged=list(plan.elementwise), zero_rank=list(plan.zero_rank))
+    ctx = Context(backend, options, device, source.num_tasks, compute_sti)
+    sink = sink or DictSink()
+    out_device = source.reference.device
+
+    def emit(key: str, value: object) -> None:
+        if value is not None:
+            sink.write(key, value.to(out_device) if isinstance(value, Tensor) else value)
+
+    try:
+        for key in plan.elementwise:
+            emit(key, method.elementwise(key, source.base_tensor(key, device),
+                                         source.deltas(key, options.compute_dtype, device), ctx))
+        if method.uses_rank_rule:
+            warn_zero_rank(plan.zero_rank)
+        for key in [*plan.unchanged, *plan.zero_rank]:  # no update, as in the authors' code
+            emit(key, method.unchanged(key, source.base_tensor(key, device), ctx))
+        bar = _progress(plan.matrices, options.progress)
+        for chunk, zero in source.chunks(plan.groups, backend, options, device):
+            for key in zero:  # every task vector is zero here: no factor work
+                report.zero_delta.append(key)
+                emit(key, method.unchanged(key, source.base_tensor(key, device), ctx))
+            if chunk.keys:
+                for key, value, layer in method.merge_group(chunk, ctx):
+                    emit(key, value)
+                    if layer is not None:
+                        report.layers[key] = layer
+                        log.info("%s: k=%d κ(U)=%.3g κ(V)=%.3g", key, layer.k, layer.kappa_u, layer.kappa_v)
+            bar.update(len(chunk.keys) + len(zero))
+        bar.close()
+        report.seconds = time.perf_counter() - started
+        result = sink.close({**run_metadata(method, options, source), **(metadata or {})})
+    except BaseException:
+        sink.abort()
+        raise
+    return result, report
+
+
+def run_metadata(method, options: Options, source) -> dict[str, str]:
+    from .. import __version__
+
+    meta = {"method": method.name, "output": method.writes if source.has_base or method.writes != "weights"
+            else "task_vector", "num_tasks": str(source.num_tasks),
+            "compute_dtype": dtype_name(options.compute_dtype),
+            "route": "full-svd (exact)" if options.exact else "float64 gram", "tsv_fast_version": __version__}
+    if method.writes == "weights":
+        meta["alpha"] = str(options.alpha)
+    if method.uses_rank_rule:
+        meta["rank_fraction"] = str(options.rank_fraction or f"1/{source.num_tasks}")
+    meta.update(method.metadata())
+    return meta
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, disable=not enabled, unit="layers", desc="tsv")

@@ -1,0 +1,307 @@
+"""Task sources as the engine reads them: T task vectors of one layout, chunk by chunk.
+
+A source answers the layout (the keys, shapes and dtypes of the base, or of task 0 when the inputs
+are task vectors), the task vectors of one key (for elementwise keys), and, for each group of
+same-shape matrices, chunks that fit the memory budget. A chunk gives a method what it asks for:
+each task's top-k factors (of Δₜ, or of its residual outside a given subspace) and the sum of the
+task vectors. ``DenseTasks`` reads full checkpoints (Δ formed on the fly, never stored);
+``engine.adapters.AdapterTasks`` reads LoRA adapters (factors from the low-rank pieces).
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..io.checkpoint import Checkpoint
+from ..reference import ZERO_RTOL, drop_small
+
+F64 = torch.float64
+
+
+def load_checked(ckpt: Checkpoint, key: str, device: torch.device | None = None) -> Tensor:
+    """``ckpt.load(key)``, refusing NaN/Inf with the key and the checkpoint named."""
+    tensor = ckpt.load(key)
+    # a float32 sum is one fast pass and is finite for finite weights; confirm before failing
+    if (tensor.is_floating_point() and not bool(torch.isfinite(tensor.sum(dtype=torch.float32)))
+            and not bool(torch.isfinite(tensor).all())):
+        raise ValueError(f"key {key!r} of {ckpt.name} contains NaN or Inf")
+    return tensor if device is None else tensor.to(device, non_blocking=True)
+
+
+def read_ahead(load: Callable, items: Iterable, enabled: bool = True) -> Iterator[tuple[object, object]]:
+    """(item, load(item)) in order; the next item loads in a thread while the caller computes.
+
+    File reads, tensor copies and BLAS all release the GIL, so loading overlaps the factor work;
+    at most two items' inputs are held at once.
+    """
+    if not enabled:
+        for item in items:
+            yield item, load(item)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tsv-fast-load") as pool:
+        pending = None
+        for item in items:
+            submitted = (item, pool.submit(load, item))
+            if pending is not None:
+                yield pending[0], pending[1].result()
+            pending = submitted
+        if pending is not None:
+            yield pending[0], pending[1].result()
+
+
+@dataclass
+class Factors:
+    """Top singular triplets of T task matrices, stacked per layer, float64.
+
+    U [L, m, K], σ [L, K], V [L, n, K] with K = Σ widths; task t owns the columns
+    ``offsets[t] : offsets[t] + widths[t]``. Numerically zero triplets are zero columns with σ = 0.
+    """
+
+    u: Tensor
+    sigma: Tensor
+    v: Tensor
+    widths: tuple[int, ...]
+
+    @classmethod
+    def from_tasks(cls, u: Tensor, sigma: Tensor, v: Tensor) -> Factors:
+        """From per-task factors U [L, T, m, k], σ [L, T, k], V [L, T, n, k] (k columns each)."""
+        layers, tasks, m, k = u.shape
+        n = v.shape[2]
+        return cls(u.permute(0, 2, 1, 3).reshape(layers, m, tasks * k), sigma.reshape(layers, tasks * k),
+                   v.permute(0, 2, 1, 3).reshape(layers, n, tasks * k), (k,) * tasks)
+
+    def task(self, t: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Task t's factors: U [L, m, w], σ [L, w], V [L, n, w] (views)."""
+        start = sum(self.widths[:t])
+        width = self.widths[t]
+        return self.u[..., start:start + width], self.sigma[..., start:start + width], self.v[..., start:start + width]
+
+
+class Chunk:
+    """Same-shape matrices of one group, processed together: ``keys``, their ``base`` [L, m, n]
+    (None when the inputs are task vectors), the group's ``rank`` and the output dtype."""
+
+    keys: list[str]
+    shape: tuple[int, ...]
+    rank: int
+    out_dtype: torch.dtype
+    base: Tensor | None
+
+    def task_factors(self, k: int, project_out: Tensor | None = None) -> Factors:
+        """Each task's top-k triplets; with ``project_out`` (P [L, m, p], orthonormal columns) those
+        of the residual (I - P Pᵀ) Δₜ, whose numerically zero triplets are judged against the task's
+        scale (σ <= ZERO_RTOL · ‖Δₜ‖_F, ``reference.drop_small``): a task inside the subspace leaves
+        a residual of pure rounding, whose own σ₁ means nothing."""
+        raise NotImplementedError
+
+    def task_sum(self) -> Tensor:
+        """Σₜ Δₜ [L, m, n], float64."""
+        raise NotImplementedError
+
+
+class TaskSource:
+    """T task vectors of one layout; see the module docstring."""
+
+    num_tasks: int
+    reference: Checkpoint   # the layout: the base, or task 0 when the inputs are task vectors
+    has_base: bool
+
+    def check(self) -> None:
+        """Raise ValueError naming the input when the tasks do not fit the layout."""
+
+    def touched(self, key: str) -> bool:
+        """False when no task can change ``key`` (it passes through from the base)."""
+        return True
+
+    def base_tensor(self, key: str, device: torch.device) -> Tensor:
+        """The base weight of ``key``, or zeros of its shape when the inputs are task vectors."""
+        raise NotImplementedError
+
+    def deltas(self, key: str, dtype: torch.dtype, device: torch.device) -> Iterator[Tensor]:
+        """The T task vectors of one key, one at a time, in ``dtype``."""
+        raise NotImplementedError
+
+    def chunks(self, groups, backend, options, device) -> Iterator[tuple[Chunk, list[str]]]:
+        """(chunk, keys of that chunk whose task vectors are all zero) for every group."""
+        raise NotImplementedError
+
+
+# ------------------------------------------------------------------------------------------------
+# Full checkpoints
+# ------------------------------------------------------------------------------------------------
+class DenseTasks(TaskSource):
+    """A base checkpoint (or None: the tasks are task vectors) and T fine-tuned checkpoints.
+
+    ``weights`` scale each task vector before anything else (1 = as given).
+    """
+
+    def __init__(self, base: Checkpoint | None, tasks: Sequence[Checkpoint],
+                 weights: Sequence[float] | None = None):
+        if len(tasks) == 0:
+            raise ValueError("need at least one fine-tuned checkpoint (task vector)")
+        self.base, self.tasks = base, list(tasks)
+        self.num_tasks = len(self.tasks)
+        self.has_base = base is not None
+        self.reference = base if base is not None else self.tasks[0]
+        if weights is not None and len(weights) != self.num_tasks:
+            raise ValueError(f"{len(weights)} weights for {self.num_tasks} tasks")
+        self.weights = None if weights is None or all(w == 1 for w in weights) else [float(w) for w in weights]
+
+    def check(self) -> None:
+        ref, ref_name = self.reference, ("the pretrained checkpoint" if self.has_base else "task vector 0")
+        ref_keys = ref.keys()
+        ref_set = set(ref_keys)
+        for i, ckpt in enumerate(self.tasks):
+            keys = set(ckpt.keys())
+            if keys != ref_set:
+                missing, extra = sorted(ref_set - keys), sorted(keys - ref_set)
+                raise ValueError(
+                    f"checkpoint {i} ({ckpt.name}) does not match {ref_name} ({ref.name}): "
+                    + (f"missing keys {missing[:5]}{' ...' if len(missing) > 5 else ''} " if missing else "")
+                    + (f"unexpected keys {extra[:5]}{' ...' if len(extra) > 5 else ''}" if extra else ""))
+            for key in ref_keys:
+                if ckpt.shape(key) != ref.shape(key):
+                    raise ValueError(f"key {key!r}: shape {ckpt.shape(key)} in checkpoint {i} ({ckpt.name}) "
+                                     f"but {ref.shape(key)} in {ref_name} ({ref.name})")
+        mixed = [key for key in ref_keys if len({c.dtype(key) for c in self.tasks} | {ref.dtype(key)}) > 1]
+        if mixed:
+            warnings.warn(f"{len(mixed)} key(s) have different dtypes across checkpoints (e.g. {mixed[0]!r}); "
+                          f"writing {ref_name}'s dtype", stacklevel=4)
+
+    def base_tensor(self, key: str, device: torch.device) -> Tensor:
+        if self.base is None:
+            return torch.zeros(self.reference.shape(key), dtype=self.reference.dtype(key), device=device)
+        return load_checked(self.base, key, device)
+
+    def deltas(self, key: str, dtype: torch.dtype, device: torch.device) -> Iterator[Tensor]:
+        base = load_checked(self.base, key, device).to(dtype) if self.base is not None else None
+        for t, ckpt in enumerate(self.tasks):  # one task at a time: memory never scales with T
+            delta = load_checked(ckpt, key, device).to(dtype)
+            delta = delta - base if base is not None else delta
+            yield delta if self.weights is None else delta * self.weights[t]
+
+    def chunks(self, groups, backend, options, device) -> Iterator[tuple[Chunk, list[str]]]:
+        jobs = [job for group in groups for job in _jobs(group, self.num_tasks, options.max_chunk_bytes)]
+        for job, (keys, zero, base, finetuned) in read_ahead(lambda job: self._load(job, device), jobs):
+            yield DenseChunk(self, job, keys, base, finetuned, backend, device), zero
+
+    def _load(self, job: _Job, device: torch.device):
+        """The inputs of one chunk: all tasks at once when they fit the budget, else only the base
+        (then the chunk loads its task batches as it goes). All-zero layers are set aside."""
+        if job.single:
+            base = self._stack(job.keys, None, device)
+            finetuned = self._stack(job.keys, range(self.num_tasks), device)
+            differs = finetuned != base.unsqueeze(1) if base is not None else finetuned != 0
+            live = differs.flatten(1).any(dim=1).tolist()
+            del differs
+            if all(live):
+                return list(job.keys), [], base, finetuned
+            index = torch.tensor(live, device=finetuned.device)
+            return ([key for key, x in zip(job.keys, live) if x], [key for key, x in zip(job.keys, live) if not x],
+                    base[index] if base is not None else None, finetuned[index])
+        zero = [key for key in job.keys if self._all_zero(key)]
+        keys = [key for key in job.keys if key not in zero]
+        return keys, zero, self._stack(keys, None, device), None
+
+    def _stack(self, keys: Sequence[str], tasks: range | None, device: torch.device) -> Tensor | None:
+        """Base [L, m, n] when ``tasks`` is None, else the fine-tunes [L, T_b, m, n]."""
+        if tasks is None:
+            if self.base is None or not keys:
+                return None
+            return _to(torch.stack([load_checked(self.base, key) for key in keys]), device)
+        return _to(torch.stack([torch.stack([load_checked(self.tasks[t], key) for t in tasks]) for key in keys]),
+                   device)
+
+    def _all_zero(self, key: str) -> bool:
+        if self.base is None:
+            return all(not bool(c.load(key).any()) for c in self.tasks)
+        base = self.base.load(key)
+        return all(torch.equal(c.load(key), base) for c in self.tasks)
+
+
+@dataclass
+class _Job:
+    """One chunk: some same-shape layers, with their tasks in batches when all T do not fit."""
+
+    keys: tuple[str, ...]
+    shape: tuple[int, ...]
+    rank: int
+    out_dtype: torch.dtype
+    batches: tuple[tuple[int, int], ...]
+
+    @property
+    def single(self) -> bool:
+        return len(self.batches) == 1
+
+
+def _jobs(group, num_tasks: int, budget: int) -> Iterator[_Job]:
+    """Layers batched while L × T matrices fit ``budget``; a layer too large for it has its tasks
+    split into batches, so memory never scales with T × the model."""
+    per_matrix = math.prod(group.shape) * 8 * 3  # float64 Δ, its Gram and product buffers
+    layers = max(1, budget // (per_matrix * num_tasks))
+    per_batch = min(num_tasks, max(1, budget // per_matrix))
+    batches = tuple((t0, min(num_tasks, t0 + per_batch)) for t0 in range(0, num_tasks, per_batch))
+    for start in range(0, len(group.keys), layers):
+        yield _Job(group.keys[start:start + layers], group.shape, group.rank, group.out_dtype, batches)
+
+
+def _to(stacked: Tensor, device: torch.device) -> Tensor:
+    if device.type == "cuda" and stacked.device.type == "cpu":
+        stacked = stacked.pin_memory()  # so the host-to-device copy is asynchronous
+    return stacked.to(device, non_blocking=True)
+
+
+class DenseChunk(Chunk):
+    def __init__(self, source: DenseTasks, job: _Job, keys: list[str], base: Tensor | None,
+                 finetuned: Tensor | None, backend, device: torch.device):
+        self.source, self.job, self.keys, self.base = source, job, keys, base
+        self.shape, self.rank, self.out_dtype = job.shape, job.rank, job.out_dtype
+        self._finetuned, self.backend, self.device = finetuned, backend, device
+
+    def _batches(self) -> Iterator[tuple[int, Tensor]]:
+        """(t0, fine-tunes [L, T_b, m, n]) for every task batch; a single batch stays in memory."""
+        if self._finetuned is not None:
+            yield 0, self._finetuned
+            return
+        load = lambda batch: self.source._stack(self.keys, range(*batch), self.device)  # noqa: E731
+        for (t0, _), finetuned in read_ahead(load, self.job.batches):
+            yield t0, finetuned
+
+    def _deltas(self, finetuned: Tensor, t0: int) -> Tensor:
+        delta = finetuned.to(F64, copy=True)  # one float64 copy, then in place
+        if self.base is not None:
+            delta.sub_(self.base.to(F64).unsqueeze(1))
+        if self.source.weights is not None:
+            scale = torch.tensor(self.source.weights[t0:t0 + delta.shape[1]], dtype=F64, device=delta.device)
+            delta.mul_(scale.view(1, -1, 1, 1))
+        return delta
+
+    def task_factors(self, k: int, project_out: Tensor | None = None) -> Factors:
+        parts = []
+        for t0, finetuned in self._batches():
+            if project_out is None and self.source.weights is None:
+                parts.append(self.backend.task_factors(finetuned, self.base, k))  # Δ formed by the backend
+            elif project_out is None:
+                parts.append(self.backend.task_factors(self._deltas(finetuned, t0), None, k))
+            else:
+                delta = self._deltas(finetuned, t0)
+                floor = ZERO_RTOL * torch.linalg.matrix_norm(delta)
+                p = project_out.unsqueeze(1)
+                delta.sub_(p @ (p.mT @ delta))
+                parts.append(drop_small(*self.backend.task_factors(delta, None, k), floor))
+        u, sigma, v = (torch.cat(p, dim=1) if len(p) > 1 else p[0] for p in zip(*parts))
+        return Factors.from_tasks(u, sigma, v)
+
+    def task_sum(self) -> Tensor:
+        total = None
+        for t0, finetuned in self._batches():
+            part = self._deltas(finetuned, t0).sum(dim=1)
+            total = part if total is None else total.add_(part)
+        return total

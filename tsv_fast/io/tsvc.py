@@ -1,0 +1,166 @@
+"""TSV-C task libraries: each task's top-k factors per matrix in one safetensors file.
+
+Layout: tensors ``task{i}::{key}::U|S|V`` (Uᵢ [m, k], σᵢ [k], Vᵢ [n, k]) for factored matrices and
+``task{i}::{key}::delta`` for the other floating keys; the file's metadata key ``tsv_c`` holds a
+JSON header (format, version, T, every original key with shape, dtype, kind and k, the storage
+accounting). ``CompressedTasks`` is the same content in memory.
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ..options import parse_dtype
+from .checkpoint import as_checkpoint
+from .safetensors import check_space, require_file
+
+TSVC_FORMAT = "tsv-c"
+TSVC_VERSION = 1
+
+
+@dataclass
+class CompressedTasks:
+    """Per-task low-rank factors of every matrix plus the raw task vectors of the other keys.
+
+    ``factors[key] = (U [T, m, k], σ [T, k], V [T, n, k])`` and ``others[key] = Δ [T, ...]``, stored in
+    ``storage_dtype``; ``shapes``/``dtypes`` describe the original keys (in checkpoint order).
+    """
+
+    factors: dict[str, tuple[Tensor, Tensor, Tensor]]
+    others: dict[str, Tensor]
+    shapes: dict[str, tuple[int, ...]]
+    dtypes: dict[str, torch.dtype]
+    num_tasks: int
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    def task_vector(self, task: int) -> dict[str, Tensor]:
+        """Δ̂ᵢ: Uᵢ diag(σᵢ) Vᵢᵀ for matrices, the stored Δᵢ for the rest (keys in checkpoint order)."""
+        if not -self.num_tasks <= task < self.num_tasks:
+            raise IndexError(f"task {task} out of range for {self.num_tasks} compressed tasks")
+        out = {}
+        for key in self.shapes:
+            if key in self.factors:
+                u, s, v = (f[task].to(torch.promote_types(f.dtype, torch.float32)) for f in self.factors[key])
+                out[key] = (u * s) @ v.mT
+            elif key in self.others:
+                out[key] = self.others[key][task]
+            else:  # zero-rank or all-zero layer
+                out[key] = torch.zeros(self.shapes[key])
+        return out
+
+    def reconstruct(self, task: int, pretrained: Mapping[str, Tensor] | object | None = None) -> dict[str, Tensor]:
+        """Full weights of ``task``: W_pre + Δ̂ᵢ in the original dtypes (task vector if no pretrained)."""
+        delta = self.task_vector(task)
+        if pretrained is None:
+            return {key: d.to(self.dtypes[key]) for key, d in delta.items()}
+        pre = as_checkpoint(pretrained, "the pretrained checkpoint")
+        out = {}
+        for key, d in delta.items():
+            base = pre.load(key)
+            if not base.is_floating_point():
+                out[key] = base.clone()
+            else:
+                work = torch.promote_types(torch.promote_types(base.dtype, d.dtype), torch.float32)
+                out[key] = (base.to(work) + d.to(base.device, work)).to(self.dtypes[key])
+        return out
+
+    def storage(self) -> dict[str, int | float]:
+        """Numbers stored versus the T dense task vectors (k(m + n + 1) instead of mn per matrix)."""
+        stored = sum(u.numel() + s.numel() + v.numel() for u, s, v in self.factors.values())
+        stored += sum(t.numel() for t in self.others.values())
+        dense = self.num_tasks * sum(torch.Size(shape).numel() for shape in self.shapes.values())
+        return {"stored_numbers": stored, "dense_numbers": dense, "ratio": stored / max(dense, 1)}
+
+
+
+def _tsvc_name(task: int, key: str, part: str) -> str:
+    return f"task{task}::{key}::{part}"
+
+
+def save_compressed(path: str | os.PathLike, compressed) -> dict[str, int | float]:
+    """Write a TSV-C file: per task and matrix Uᵢ [m, k], σᵢ [k], Vᵢ [n, k]; per task the other deltas.
+
+    A safetensors file whose metadata holds a JSON header (format, version, T, the original keys with
+    shapes and dtypes, which keys are factored, and the storage accounting). Written atomically.
+    Returns the storage accounting (numbers stored vs dense, file bytes).
+    """
+    path = Path(path)
+    tensors: dict[str, Tensor] = {}
+    for key, (u, s, v) in compressed.factors.items():
+        for task in range(compressed.num_tasks):
+            tensors[_tsvc_name(task, key, "U")] = u[task].contiguous()
+            tensors[_tsvc_name(task, key, "S")] = s[task].contiguous()
+            tensors[_tsvc_name(task, key, "V")] = v[task].contiguous()
+    for key, delta in compressed.others.items():
+        for task in range(compressed.num_tasks):
+            tensors[_tsvc_name(task, key, "delta")] = delta[task].contiguous()
+    storage = dict(compressed.storage())
+    storage["tensor_bytes"] = sum(t.numel() * t.element_size() for t in tensors.values())
+    storage["dense_bytes"] = compressed.num_tasks * sum(
+        torch.Size(shape).numel() * compressed.dtypes[key].itemsize for key, shape in compressed.shapes.items())
+    header = {"format": TSVC_FORMAT, "version": TSVC_VERSION, "num_tasks": compressed.num_tasks,
+              "keys": {key: {"shape": list(shape), "dtype": str(compressed.dtypes[key]).replace("torch.", ""),
+                             "kind": "factors" if key in compressed.factors else
+                             "delta" if key in compressed.others else "zero",
+                             **({"k": int(compressed.factors[key][0].shape[-1])} if key in compressed.factors else {})}
+                       for key, shape in compressed.shapes.items()},
+              "metadata": dict(compressed.metadata), "storage": storage}
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    check_space(path.parent, storage["tensor_bytes"] + (1 << 20), what=str(path))
+    temp = path.parent / f".{path.name}.{os.getpid()}.tmp"
+    try:
+        save_file(tensors, str(temp), metadata={"tsv_c": json.dumps(header), "format": "pt"})
+        os.replace(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    storage["file_bytes"] = path.stat().st_size
+    return storage
+
+
+def read_compressed_header(path: str | os.PathLike) -> dict:
+    """The JSON header of a TSV-C file (no tensors are read)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    require_file(path)
+    with safe_open(str(path), framework="pt") as handle:
+        raw = (handle.metadata() or {}).get("tsv_c")
+    if raw is None:
+        raise ValueError(f"{path}: not a TSV-C file (no 'tsv_c' header); create one with `tsv-fast compress`")
+    header = json.loads(raw)
+    if header.get("format") != TSVC_FORMAT or header.get("version", 0) > TSVC_VERSION:
+        raise ValueError(f"{path}: unsupported TSV-C format {header.get('format')!r} v{header.get('version')}")
+    return header
+
+
+def load_compressed(path: str | os.PathLike):
+    """Read a TSV-C file written by ``save_compressed`` back into a ``CompressedTasks``."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    header = read_compressed_header(path)
+    num_tasks = int(header["num_tasks"])
+    factors, others, shapes, dtypes = {}, {}, {}, {}
+    with safe_open(str(path), framework="pt") as handle:
+        for key, info in header["keys"].items():
+            shapes[key] = tuple(info["shape"])
+            dtypes[key] = parse_dtype(info["dtype"])
+            if info["kind"] == "factors":
+                factors[key] = tuple(torch.stack([handle.get_tensor(_tsvc_name(t, key, part))
+                                                  for t in range(num_tasks)]) for part in "USV")
+            elif info["kind"] == "delta":
+                others[key] = torch.stack([handle.get_tensor(_tsvc_name(t, key, "delta")) for t in range(num_tasks)])
+    metadata = dict(header.get("metadata", {}))
+    metadata["file_bytes"] = str(path.stat().st_size)
+    return CompressedTasks(factors, others, shapes, dtypes, num_tasks, metadata)
+
+
