@@ -223,7 +223,7 @@ def test_abort_removes_finished_shards(tmp_path):
     for i in range(4):
         sink.write(f"w{i}", torch.ones(30))
     sink.abort()
-    assert not any((tmp_path / "out").iterdir())
+    assert list(tmp_path.iterdir()) == []  # no output folder, no staging folder, no lock
 
 
 def test_output_equal_to_input_is_refused(tiny):

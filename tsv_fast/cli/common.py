@@ -125,3 +125,12 @@ def parse_dtype_option(name: Optional[str]):
     return parse_dtype(name) if name else None
 
 
+
+
+def guard_outputs(inputs, *outputs) -> None:
+    """Check every output path against the inputs before any work (io.outputs.check_output)."""
+    from ..io.outputs import check_output
+
+    for output in outputs:
+        if output is not None:
+            check_output(output, inputs)

@@ -10,7 +10,7 @@ from typing import Optional
 import typer
 
 from .app import app
-from .common import CliError, lora_models, open_all, run_command, summary
+from .common import CliError, guard_outputs, lora_models, open_all, run_command, summary
 from .config import KEYS, MergeJob, _typed, load_config
 
 
@@ -118,6 +118,7 @@ def run_merge_command(job: MergeJob, *, report_path: Optional[Path] = None, prog
     from ..io.sources import checkpoint_nbytes, open_checkpoint
 
     started = time.perf_counter()
+    guard_outputs([job.base_model, *job.models], job.output, report_path)  # before any work
     options, method = job_options(job, progress)
     allow_pickle = job.get("allow_pickle", False)
     lora = lora_models(job.models)
@@ -149,7 +150,7 @@ def run_merge_command(job: MergeJob, *, report_path: Optional[Path] = None, prog
         typer.echo(f"merging {source.num_tasks} {kind} into {job.output} with {method.name} (base {pre.name})")
     out_path, rep = run(source, method, options, sink, compute_sti=method.name == "tsv-m")
     if report_path is not None:
-        write_report(report_path, rep)
+        write_report(report_path, rep, inputs=[job.base_model, *job.models])
     if not quiet:
         summary(started, Path(out_path))
     return Path(out_path), rep
@@ -162,14 +163,15 @@ def _main_dtype(ckpt) -> object:
     return max(counts, key=counts.get)
 
 
-def write_report(path: Path, rep) -> None:
+def write_report(path: Path, rep, inputs=()) -> None:
+    from ..io.outputs import write_file
+
     layers = {key: {"shape": list(layer.shape), "k": layer.k, "kappa_u": _finite(layer.kappa_u),
                     "kappa_v": _finite(layer.kappa_v), "rank_u": layer.rank_u, "rank_v": layer.rank_v,
                     "sti": _finite(layer.sti)} for key, layer in rep.layers.items()}
     data = {"method": rep.method, "backend": rep.backend, "num_tasks": rep.num_tasks, "seconds": rep.seconds,
             "layers": layers, "averaged": rep.averaged, "zero_rank": rep.zero_rank, "zero_delta": rep.zero_delta}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2))
+    write_file(path, json.dumps(data, indent=2), inputs=inputs, what="report")
 
 
 def _finite(x: float):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import time
@@ -11,7 +12,7 @@ from typing import Optional
 import typer
 
 from .app import app
-from .common import CliError, open_all, run_command, summary
+from .common import CliError, guard_outputs, open_all, run_command, summary
 
 
 @app.command()
@@ -35,6 +36,8 @@ def interference(
         from ..methods.sti import per_block
 
         started = time.perf_counter()
+        inputs = [base, *models]
+        guard_outputs(inputs, output, plot, heatmap)  # before any work, not after it
         pre, fts = open_all(base, list(models), allow_pickle)
         excl = tuple(exclude) if exclude else ("text_projection",)
         per_layer = sti_of(pre, fts, rank_fraction=rank_fraction, exclude=excl, orthogonalized=orthogonalized,
@@ -46,28 +49,30 @@ def interference(
             if key is None:
                 raise CliError("no merged matrix to draw a heatmap of")
             similarity = block_similarity(pre, fts, key, rank_fraction, device)
-            plot_heatmap(heatmap, key, similarity)
-        write_sti(output, per_layer, blocks, similarity)
+            plot_heatmap(heatmap, key, similarity, inputs)
+        write_sti(output, per_layer, blocks, similarity, inputs)
         if plot is not None:
-            plot_sti(plot, per_layer, blocks)
+            plot_sti(plot, per_layer, blocks, inputs)
         print_sti_table(per_layer)
         summary(started, output)
 
     run_command(body)
 
 
-def write_sti(path: Path, per_layer: dict, blocks: dict, similarity: dict | None = None) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+def write_sti(path: Path, per_layer: dict, blocks: dict, similarity: dict | None = None, inputs=()) -> None:
+    from ..io.outputs import write_file
+
     if path.suffix.lower() == ".csv":
-        with open(path, "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["layer", "sti"])
-            writer.writerows(per_layer.items())
+        text = io.StringIO()
+        writer = csv.writer(text)
+        writer.writerow(["layer", "sti"])
+        writer.writerows(per_layer.items())
+        write_file(path, text.getvalue(), inputs=inputs, what="STI table")
         return
     data = {"per_layer": per_layer, "per_block": blocks}
     if similarity is not None:
         data["block_similarity"] = similarity
-    path.write_text(json.dumps(data, indent=2))
+    write_file(path, json.dumps(data, indent=2), inputs=inputs, what="STI table")
 
 
 def print_sti_table(per_layer: dict, limit: int | None = None) -> None:
@@ -119,7 +124,15 @@ def _pyplot():
     return plt
 
 
-def plot_sti(path: Path, per_layer: dict, blocks: dict) -> None:
+def save_figure(fig, path: Path, inputs) -> None:
+    from ..io.outputs import Output
+
+    with Output(path, inputs=inputs, folder=False, what="plot") as out:
+        fig.savefig(out.member(path.name), dpi=120)
+        out.commit()
+
+
+def plot_sti(path: Path, per_layer: dict, blocks: dict, inputs=()) -> None:
     plt = _pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4))
     ax1.plot(range(len(per_layer)), list(per_layer.values()), marker="o", ms=3)
@@ -129,12 +142,11 @@ def plot_sti(path: Path, per_layer: dict, blocks: dict) -> None:
     ax2.set_xticks(range(len(blocks)), names, rotation=90, fontsize=7)
     ax2.set(xlabel="block", ylabel="STI (sum over the block)", title="STI per block")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, inputs)
     plt.close(fig)
 
 
-def plot_heatmap(path: Path, key: str, similarity: dict) -> None:
+def plot_heatmap(path: Path, key: str, similarity: dict, inputs=()) -> None:
     plt = _pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 5))
     image = ax1.imshow(similarity["gram_abs"], cmap="viridis", vmin=0, vmax=1)
@@ -150,8 +162,7 @@ def plot_heatmap(path: Path, key: str, similarity: dict) -> None:
     fig.colorbar(image, ax=ax2, fraction=0.046)
     fig.suptitle(key)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, inputs)
     plt.close(fig)
 
 

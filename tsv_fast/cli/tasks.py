@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 
 from .app import app
-from .common import CliError, human_bytes, open_all, parse_dtype_option, run_command, summary
+from .common import guard_outputs, human_bytes, open_all, parse_dtype_option, run_command, summary
 
 
 @app.command()
@@ -31,15 +31,14 @@ def compress(
         from ..io.tsvc import save_compressed
 
         started = time.perf_counter()
+        guard_outputs([base, *models], output)  # before any work
         pre, fts = open_all(base, list(models), allow_pickle)
-        if output.resolve() in {Path(p).resolve() for p in [base, *models]}:
-            raise CliError(f"output {output} is one of the inputs")
         packed = tsv_compress(pre, fts, rank_fraction=rank_fraction,
                               exclude=tuple(exclude) if exclude else ("text_projection",),
                               backend=backend, device=device, storage_dtype=parse_dtype_option(storage_dtype),
                               progress=True, exact=exact)
         packed.metadata.update({"base_model": base.name, "models": json.dumps([m.name for m in models])})
-        storage = save_compressed(output, packed)
+        storage = save_compressed(output, packed, inputs=[base, *models])
         typer.echo(f"stored {storage['stored_numbers']:,} numbers for {len(fts)} tasks instead of "
                    f"{storage['dense_numbers']:,} ({storage['ratio']:.1%}); file {human_bytes(storage['file_bytes'])} "
                    f"vs {human_bytes(storage['dense_bytes'])} of dense task vectors")

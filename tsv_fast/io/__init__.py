@@ -5,20 +5,31 @@
                    a time), ``Sink`` (outputs written one key at a time), their in-memory versions
 ``safetensors``    the safetensors format by hand: lazy reader with a strict header parser, shard writer
 ``sources``        ``open_checkpoint``: safetensors files, HF folders (sharded), torch .pt/.bin files
-``sink``           ``SafetensorsSink``: streamed, sharded, atomic outputs; ``save_checkpoint``, ``convert``
+``outputs``        the one guard and transaction of every output (never over an input, whole, locked)
+``sink``           ``SafetensorsSink``: streamed, sharded, finite-checked outputs; ``save_checkpoint``, ``convert``
 ``tsvc``           TSV-C task libraries (``CompressedTasks``, ``save_compressed``, ``load_compressed``)
 ``peft``           PEFT LoRA adapters (``load_adapter``): factors and their exact SVDs
 =================  ===================================================================================
 
 Nothing here imports the engine, the methods or the command line.
 """
-from .checkpoint import Checkpoint, DictCheckpoint, DictSink, Sink, as_checkpoint
-from .safetensors import SafetensorsCheckpoint
-from .sink import SafetensorsSink, convert, save_checkpoint
-from .sources import INDEX_NAME, TORCH_INDEX_NAME, checkpoint_files, checkpoint_nbytes, open_checkpoint
-from .tsvc import CompressedTasks, load_compressed, read_compressed_header, save_compressed
+import importlib
 
-__all__ = ["Checkpoint", "DictCheckpoint", "DictSink", "Sink", "as_checkpoint", "SafetensorsCheckpoint",
-           "SafetensorsSink", "convert", "save_checkpoint", "INDEX_NAME", "TORCH_INDEX_NAME", "checkpoint_files",
-           "checkpoint_nbytes", "open_checkpoint", "CompressedTasks", "load_compressed", "read_compressed_header",
-           "save_compressed"]
+_EXPORTS = {
+    "checkpoint": ["Checkpoint", "DictCheckpoint", "DictSink", "Sink", "as_checkpoint"],
+    "safetensors": ["SafetensorsCheckpoint"],
+    "outputs": ["Output", "OutputLocked", "check_output", "write_file"],
+    "sink": ["SafetensorsSink", "convert", "save_checkpoint"],
+    "sources": ["INDEX_NAME", "TORCH_INDEX_NAME", "checkpoint_nbytes", "open_checkpoint"],
+    "tsvc": ["CompressedTasks", "load_compressed", "read_compressed_header", "save_compressed"],
+}
+_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    # lazy, so that `tsv_fast.io.outputs` (the output guard) loads without torch: the command line
+    # checks paths before its heavy imports
+    if name in _WHERE:
+        return getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,14 +1,16 @@
-"""Safetensors outputs: streamed, optionally sharded, committed atomically.
+"""Safetensors outputs: streamed, optionally sharded, checked finite, committed whole (io.outputs).
 
-Each tensor is appended to a hidden temporary data file as it arrives; ``close`` puts the header in
-front of the data and renames the files into place, so an interrupted merge leaves no partial output
-under the requested name and never touches its inputs.
+Each tensor is appended to a data file in the output's staging folder as it arrives; ``close`` puts
+the headers in front, writes the index and any extra files (configs), then commits the whole output
+at once, so an interrupted or failed merge leaves nothing under the requested name and never
+touches its inputs, and a re-merge leaves exactly the new model.
 """
 from __future__ import annotations
 
 import errno
 import json
 import os
+import shutil
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -16,71 +18,63 @@ import torch
 from torch import Tensor
 
 from .checkpoint import Checkpoint, DictCheckpoint, Sink
+from .outputs import INDEX_SUFFIX, Output
 from .safetensors import Shard, check_space
-from .sources import checkpoint_files, checkpoint_nbytes, open_checkpoint
+from .sources import checkpoint_nbytes, open_checkpoint
 
 
 class SafetensorsSink(Sink):
-    """Writes merged tensors to ``path`` as safetensors, streaming, one tensor at a time.
+    """Writes tensors to ``path`` as safetensors, streaming, one tensor at a time.
 
     ``path`` ending in ``.safetensors`` is a file; any other path is a folder that receives
     ``model.safetensors`` (Hugging Face layout). With ``max_shard_bytes`` the output is split into
     ``<stem>-00001-of-0000N.safetensors`` files plus ``<stem>.safetensors.index.json``.
-    Everything is written under hidden temporary names and renamed only when complete.
 
     Args:
-        inputs: paths or checkpoints the merge reads; writing over any of them is refused.
+        inputs: paths or checkpoints the run reads; an output that could touch one is refused.
         expected_bytes: size of the output if known; free disk space is checked before writing.
-        out_dtype: cast floating tensors to this dtype (default: keep what the engine gives).
+        out_dtype: cast floating tensors to this dtype (default: keep what the engine gives);
+            floating point only.
         extra_metadata: stored in every file's header (beside what the engine passes to close).
+        extra_files: {name: source path} copied into a folder output (configs, tokenizer files).
     """
 
     def __init__(self, path: str | os.PathLike, *, max_shard_bytes: int | None = None,
                  inputs: Iterable[object] = (), expected_bytes: int | None = None,
-                 out_dtype: torch.dtype | None = None, extra_metadata: Mapping[str, str] | None = None):
+                 out_dtype: torch.dtype | None = None, extra_metadata: Mapping[str, str] | None = None,
+                 extra_files: Mapping[str, str | os.PathLike] | None = None):
         path = Path(path)
-        if path.suffix == ".safetensors":
-            self.directory, self.stem = path.parent, path.name[: -len(".safetensors")]
-        else:
-            self.directory, self.stem = path, "model"
-        self.path = path
+        if out_dtype is not None and not out_dtype.is_floating_point:
+            raise ValueError(f"output dtype {out_dtype} is not floating point; use float32, float16, bfloat16 "
+                             "or float64")
+        folder = path.suffix != ".safetensors"
+        self.path, self.stem = path, ("model" if folder else path.name[: -len(".safetensors")])
         self.max_shard_bytes = max_shard_bytes if max_shard_bytes and max_shard_bytes > 0 else None
         self.out_dtype = out_dtype
         self.extra_metadata = dict(extra_metadata or {})
-        self._refuse_inputs(inputs)
-        self.directory.mkdir(parents=True, exist_ok=True)
+        self.extra_files = dict(extra_files or {})
+        if self.extra_files and not folder:
+            raise ValueError(f"output {path} is a file; configs and tokenizer files need a folder output")
+        self.output = Output(path, inputs=inputs, folder=folder)
         if expected_bytes is not None:
-            # Room for the finished files plus one shard's temporary data file.
-            check_space(self.directory, expected_bytes + min(expected_bytes, self.max_shard_bytes or expected_bytes),
-                         what=f"the output ({path})")
-        self._tag = f"{self.stem}.{os.getpid()}.{id(self):x}"
+            try:  # the finished files plus one shard's data file, which is copied behind its header
+                check_space(self.output.staging, expected_bytes + min(expected_bytes, self.max_shard_bytes
+                                                                      or expected_bytes), what=f"the output ({path})")
+            except BaseException:
+                self.output.abort()
+                raise
         self._shards: list[Shard] = []
-        self._done: list[Path] = []   # finished shards under temporary names
         self._closed = False
-        self.files: list[Path] = []   # final paths, filled by close()
-
-    def _refuse_inputs(self, inputs: Iterable[object]) -> None:
-        outputs = {self._single_path().resolve(), (self.directory / f"{self.stem}.safetensors.index.json").resolve()}
-        for source in inputs:
-            for file in checkpoint_files(source):
-                resolved = Path(file).resolve()
-                is_our_shard = (resolved.parent == self.directory.resolve() and resolved.suffix == ".safetensors"
-                                and resolved.name.startswith(f"{self.stem}-"))
-                if resolved in outputs or is_our_shard:
-                    raise ValueError(f"output {self.path} would overwrite input {file}; choose another output path")
-
-    def _single_path(self) -> Path:
-        return self.directory / f"{self.stem}.safetensors"
+        self.files: list[Path] = []  # final paths, filled by close()
 
     def write(self, key: str, tensor: Tensor) -> None:
         if self._closed:
             raise RuntimeError("write() after close()")
-        if self.out_dtype is not None and tensor.is_floating_point():
-            tensor = tensor.to(self.out_dtype)
+        tensor = checked_output(key, tensor, self.out_dtype)
         nbytes = tensor.numel() * tensor.element_size()
         shard = self._shards[-1] if self._shards else None
         if shard is None or (self.max_shard_bytes and shard.size > 0 and shard.size + nbytes > self.max_shard_bytes):
-            shard = Shard(self.directory, self._tag, len(self._shards))
+            shard = Shard(self.output.staging, f"{self.stem}", len(self._shards))
             self._shards.append(shard)
         try:
             shard.write(key, tensor)
@@ -90,47 +84,45 @@ class SafetensorsSink(Sink):
             raise
 
     def close(self, metadata: Mapping[str, str]) -> Path:
-        """Finish every file, then rename them into place (index last). Returns the output path."""
-        meta = {"format": "pt", **{str(k): str(v) for k, v in metadata.items()}, **self.extra_metadata}
+        """Finish every file in the staging folder, then commit the output whole. Returns its path
+        (the index for a sharded file output)."""
+        from .. import __version__
+
+        meta = {"format": "pt", **{str(k): str(v) for k, v in metadata.items()}, **self.extra_metadata,
+                "tsv_fast_version": __version__}
         if self.out_dtype is not None:
-            meta["out_dtype"] = str(self.out_dtype).replace("torch.", "")
-        if not self._shards:
-            self._shards.append(Shard(self.directory, self._tag, 0))
-        count = len(self._shards)
-        names = ([f"{self.stem}.safetensors"] if count == 1 else
-                 [f"{self.stem}-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)])
+            meta["out_dtype"] = str(self.out_dtype).removeprefix("torch.")
         try:
+            if not self._shards:
+                self._shards.append(Shard(self.output.staging, self.stem, 0))
+            count = len(self._shards)
+            names = ([f"{self.stem}.safetensors"] if count == 1 else
+                     [f"{self.stem}-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)])
             for shard, name in zip(self._shards, names):
-                temp = self.directory / f".{name}.{self._tag}.tmp"
-                self._done.append(temp)
-                shard.finish(temp, meta)
-            index_temp = None
+                shard.finish(self.output.member(name), meta)
             if count > 1:
                 index = {"metadata": {"total_size": sum(s.size for s in self._shards), **meta},
-                         "weight_map": {key: name for shard, name in zip(self._shards, names)
-                                        for key in shard.entries}}
-                index_temp = self.directory / f".{self.stem}.index.{self._tag}.tmp"
-                index_temp.write_text(json.dumps(index, indent=2))
-                self._done.append(index_temp)
-            for temp, name in zip(self._done, names):
-                os.replace(temp, self.directory / name)
-            if index_temp is not None:
-                os.replace(index_temp, self.directory / f"{self.stem}.safetensors.index.json")
+                         "weight_map": {key: name for shard, name in zip(self._shards, names) for key in shard.entries}}
+                self.output.member(self.stem + INDEX_SUFFIX).write_text(json.dumps(index, indent=2))
+            for name, source in self.extra_files.items():
+                shutil.copyfile(source, self.output.member(name))
+            self.output.commit()
         except BaseException:
             self.abort()
             raise
         self._closed = True
-        self.files = [self.directory / name for name in names]
-        return self.path if count == 1 or self.path.suffix != ".safetensors" else \
-            self.directory / f"{self.stem}.safetensors.index.json"
+        directory = self.path if self.output.folder else self.path.parent
+        self.files = [directory / name for name in names]
+        if count > 1 and not self.output.folder:
+            return directory / (self.stem + INDEX_SUFFIX)
+        return self.path
 
     def abort(self) -> None:
-        """Remove every temporary file; finished outputs of earlier runs are left alone."""
+        """Drop everything written so far; earlier outputs and the inputs are left alone."""
         for shard in self._shards:
             shard.discard()
-        for temp in self._done:
-            temp.unlink(missing_ok=True)
-        self._shards, self._done = [], []
+        self._shards = []
+        self.output.abort()
         self._closed = True
 
     @property
@@ -138,6 +130,22 @@ class SafetensorsSink(Sink):
         return sum(f.stat().st_size for f in self.files if f.exists())
 
 
+def checked_output(key: str, tensor: Tensor, out_dtype: torch.dtype | None = None) -> Tensor:
+    """``tensor`` cast to ``out_dtype``, refused when it is (or the cast makes it) not finite."""
+    if not tensor.is_floating_point():
+        return tensor
+    cast = tensor if out_dtype is None or tensor.dtype == out_dtype else tensor.to(out_dtype)
+    if bool(torch.isfinite(cast).all()):
+        return cast
+    bad = ~torch.isfinite(tensor)
+    if bool(bad.any()):
+        raise ValueError(f"output key {key!r} {tuple(tensor.shape)} has {int(bad.sum())} NaN/Inf value(s); "
+                         "nothing was written")
+    overflow = ~torch.isfinite(cast)
+    largest = float(tensor[overflow].abs().max())
+    raise ValueError(f"output key {key!r} {tuple(tensor.shape)}: {int(overflow.sum())} value(s) overflow "
+                     f"{str(out_dtype).removeprefix('torch.')} (largest |x| = {largest:.4g}, the dtype's maximum is "
+                     f"{torch.finfo(out_dtype).max:.4g}); choose another --out-dtype. Nothing was written")
 
 
 def save_checkpoint(tensors: Mapping[str, Tensor] | Checkpoint, path: str | os.PathLike, *,

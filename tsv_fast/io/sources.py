@@ -62,16 +62,21 @@ def open_checkpoint(path: str | os.PathLike, *, allow_pickle: bool = False) -> C
 def _open_folder(folder: Path, allow_pickle: bool) -> Checkpoint:
     for index in (folder / INDEX_NAME, folder / TORCH_INDEX_NAME):
         if index.is_file():
-            return _open_index(index, allow_pickle, name=str(folder))
+            return _with_folder(_open_index(index, allow_pickle, name=str(folder)), folder)
     single = sorted(folder.glob("*.safetensors"))
     if len(single) == 1:
-        return SafetensorsCheckpoint(single, name=str(folder))
+        return _with_folder(SafetensorsCheckpoint(single, name=str(folder)), folder)
     torch_files = sorted([*folder.glob("*.bin"), *folder.glob("*.pt"), *folder.glob("*.pth")])
     if not single and len(torch_files) == 1:
-        return _open_torch(torch_files, str(folder), allow_pickle)
+        return _with_folder(_open_torch(torch_files, str(folder), allow_pickle), folder)
     found = [p.name for p in [*single, *torch_files]]
     raise ValueError(f"{folder}: cannot tell which file holds the model (found {found or 'no weight files'}); "
                      f"expected {INDEX_NAME}, a single .safetensors file or a single .bin/.pt file")
+
+
+def _with_folder(ckpt: Checkpoint, folder: Path) -> Checkpoint:
+    ckpt.folder = folder  # an input model folder: outputs may not be written inside it (io.outputs)
+    return ckpt
 
 
 def _open_index(index: Path, allow_pickle: bool, name: str | None = None) -> Checkpoint:
@@ -83,8 +88,8 @@ def _open_index(index: Path, allow_pickle: bool, name: str | None = None) -> Che
     for file in files:
         require_file(file)
     if all(f.suffix == ".safetensors" for f in files):
-        return SafetensorsCheckpoint(files, name=name or str(index.parent))
-    return _open_torch(files, name or str(index.parent), allow_pickle)
+        return _with_folder(SafetensorsCheckpoint(files, name=name or str(index.parent)), index.parent)
+    return _with_folder(_open_torch(files, name or str(index.parent), allow_pickle), index.parent)
 
 
 def _open_torch(files: Sequence[Path], name: str, allow_pickle: bool) -> Checkpoint:
@@ -140,16 +145,6 @@ def _state_dict_of(obj: object, file: Path) -> dict[str, Tensor]:
         raise ValueError(f"{file}: entries {non_tensors[:5]} are not tensors; expected a flat state dict "
                          f"(key -> tensor) or one nested under one of {list(_NESTED_KEYS)}")
     return dict(obj)
-
-
-def checkpoint_files(source: object) -> list[Path]:
-    """The files a source reads (empty for in-memory sources)."""
-    if isinstance(source, (str, os.PathLike)):
-        path = Path(source)
-        if path.is_dir():
-            return [p for p in path.iterdir() if p.is_file()]
-        return [path]
-    return list(getattr(source, "files", []))
 
 
 def checkpoint_nbytes(ckpt: Checkpoint, dtype: torch.dtype | None = None) -> int:

@@ -83,7 +83,7 @@ def _tsvc_name(task: int, key: str, part: str) -> str:
     return f"task{task}::{key}::{part}"
 
 
-def save_compressed(path: str | os.PathLike, compressed) -> dict[str, int | float]:
+def save_compressed(path: str | os.PathLike, compressed, *, inputs=()) -> dict[str, int | float]:
     """Write a TSV-C file: per task and matrix Uᵢ [m, k], σᵢ [k], Vᵢ [n, k]; per task the other deltas.
 
     A safetensors file whose metadata holds a JSON header (format, version, T, the original keys with
@@ -113,15 +113,12 @@ def save_compressed(path: str | os.PathLike, compressed) -> dict[str, int | floa
               "metadata": dict(compressed.metadata), "storage": storage}
     from safetensors.torch import save_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    check_space(path.parent, storage["tensor_bytes"] + (1 << 20), what=str(path))
-    temp = path.parent / f".{path.name}.{os.getpid()}.tmp"
-    try:
-        save_file(tensors, str(temp), metadata={"tsv_c": json.dumps(header), "format": "pt"})
-        os.replace(temp, path)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
+    from .outputs import Output
+
+    with Output(path, inputs=inputs, folder=False, what="TSV-C file") as out:
+        check_space(out.staging, storage["tensor_bytes"] + (1 << 20), what=str(path))
+        save_file(tensors, str(out.member(path.name)), metadata={"tsv_c": json.dumps(header), "format": "pt"})
+        out.commit()
     storage["file_bytes"] = path.stat().st_size
     return storage
 
