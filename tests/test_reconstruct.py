@@ -86,6 +86,32 @@ def test_two_dim_and_precision_modes(precision):
         reconstruct(base.to(DEVICE), a.to(DEVICE), b.to(DEVICE), input_precision="tf32")
 
 
+def test_out_overlapping_an_input_is_refused():
+    """In place (out = base) would add α·ABᵀ once per autotune config tried: refused for every input."""
+    base, a, b = make(37, 23, 11, base_dtype=torch.float32, seed=4)
+    base, a, b = base.to(DEVICE), a.to(DEVICE), b.to(DEVICE)
+    before = snapshot(base)
+    for name, out in [("base", base), ("base", base[:, 1:, :]), ("a", a[..., :1].expand(2, 37, 23))]:
+        with pytest.raises(ValueError, match=f"out overlaps {name} in memory"):
+            reconstruct(base, a, b, out=out)
+    assert_unmodified(before, [base])
+
+
+def test_disjoint_halves_of_one_buffer_are_fine():
+    """out and base may share a storage when their byte ranges are disjoint (interleaved views are
+    refused: the check compares address ranges)."""
+    base, a, b = make(37, 23, 11, base_dtype=torch.float32, seed=5)
+    buf = torch.full((4, 37, 23), float("nan"), device=DEVICE)
+    buf[2:] = base.to(DEVICE)
+    got = reconstruct(buf[2:], a.to(DEVICE), b.to(DEVICE), out=buf[:2])
+    want = exact(base, a, b, 1.0)
+    torch_err = rel_fro(reconstruct_ref(base, a, b, out_dtype=torch.float32), want)
+    assert_close("reconstruct into the half beside base", got, want, bound_for(torch_err, torch.float32),
+                 torch_error=torch_err)
+    with pytest.raises(ValueError, match="out overlaps base"):  # one matrix of overlap
+        reconstruct(buf[2:], a.to(DEVICE), b.to(DEVICE), out=buf[1:3])
+
+
 # ------------------------------------------------------------------------------------------------
 # The whole merge through the Triton backend
 # ------------------------------------------------------------------------------------------------
