@@ -130,35 +130,113 @@ def test_svd_layouts(layout):
 
 @pytest.mark.gpu
 @needs_ext
-def test_svd_raw_extension_returns_info_and_residuals():
-    ext = cs._ext()
+def test_svd_raw_extension_returns_info():
     A = gapped(3, 40, 24, 24, seed=5)
-    U, S, V, info, residual = ext.batched_svd(A, 24, "gesvda", True, True)
+    U, S, V, info, err = cs._ext().batched_svd(A, 24, "gesvda", True)
     assert info.device.type == "cuda" and info.dtype == torch.int32 and int(info.abs().sum()) == 0
-    assert residual.shape == (3,) and residual.device.type == "cpu"
-    # k = min(m, n): every notion of residual is ~0 relative to ‖A‖
-    norm = torch.linalg.matrix_norm(A).cpu()
-    assert bool((residual <= 1e-6 * norm).all()), f"residuals {residual} vs ‖A‖ {norm}"
+    assert err.numel() == 0  # gesvda's h_RnrmF is not requested (it is no residual for k < n)
+    assert_rel_close("gesvda k = n reconstruction", recon(U, S, V), A, TOL64["gesvda"])
 
 
 @pytest.mark.gpu
 @needs_ext
 def test_svd_gesvdp_returns_finite_error_estimates():
     A = gapped(3, 50, 30, 7, seed=8)
-    U, S, V, info, err_sigma = cs._ext().batched_svd(A, 7, "gesvdp", True, True)
+    U, S, V, info, err_sigma = cs._ext().batched_svd(A, 7, "gesvdp", True)
     assert int(info.abs().sum()) == 0
     assert err_sigma.shape == (3,) and err_sigma.device.type == "cpu"
     assert bool(torch.isfinite(err_sigma).all()) and bool((err_sigma >= 0).all()), err_sigma
 
 
-# ------------------------------------------------------------------------------- GPU: eigh
 @pytest.mark.gpu
 @needs_ext
-@pytest.mark.parametrize("n", [5, 32, 33, 100])
-@pytest.mark.parametrize("method", ["auto", "syevj_batched", "syev_batched", "syevd"])
+@pytest.mark.parametrize("method,m,n,k", [("gesvda", 40, 24, 5), ("gesvda", 24, 40, 5), ("gesvdj_batched", 17, 13, 4)])
+def test_svd_batches_are_split_at_the_32bit_bound(method, m, n, k):
+    """A lowered element bound forces several calls (as batch·stride > INT32_MAX would); same result."""
+    A = gapped(7, m, n, k, seed=21)
+    whole = cs.batched_topk_svd(A, k, method)
+    split = cs.batched_topk_svd(A, k, method, max_batch_elements=3 * m * n)  # 3 matrices per call
+    assert_rel_close(f"{method} split batches", recon(*split), recon(*whole), TOL64[method])
+    assert_rel_close(f"{method} split batches vs float64", recon(*split), recon(*topk_ref(A, k)), TOL64[method])
+    with pytest.raises(RuntimeError, match="one matrix needs"):
+        cs.batched_topk_svd(A, k, method, max_batch_elements=m * n - 1)
+
+
+@pytest.mark.gpu
+@needs_ext
+def test_gesvdr_argument_limits():
+    A = gapped(2, 40, 30, 6, seed=2)
+    with pytest.raises(RuntimeError, match=r"gesvdr needs k < min\(m, n\)"):
+        cs.batched_topk_svd(A, 30, "gesvdr")
+    with pytest.raises(RuntimeError, match=r"k \+ oversample < min\(m, n\)"):
+        cs.batched_topk_svd(A, 6, "gesvdr", oversample=24)
+    U, S, V = cs.batched_topk_svd(A, 6, "gesvdr", oversample=23)  # the largest block allowed
+    assert_rel_close("gesvdr k + p = min - 1", recon(U, S, V), recon(*topk_ref(A, 6)), TOL64["gesvdr"])
+
+
+@pytest.mark.gpu
+@needs_ext
+@pytest.mark.parametrize("method", ["gesvda", "gesvdj", "gesvd", "gesvdp", "gesvdj_batched"])
+def test_nonfinite_input_raises_and_unchecked_calls_return_info(method):
+    m, n = (20, 12) if method == "gesvdj_batched" else (40, 24)
+    A = gapped(3, m, n, 4, seed=4)
+    A[1, 3, 2] = float("nan")
+    with pytest.raises(RuntimeError, match="matrix 1 of the batch"):
+        cs.batched_topk_svd(A, 4, method)
+    *_, info = cs.batched_topk_svd(A, 4, method, check=False, return_info=True)
+    assert info.shape == (3,) and info.dtype == torch.int32 and info.device.type == "cuda"
+
+
+@pytest.mark.gpu
+@needs_ext
+def test_gesvda_rank_deficient_input_passes_the_factor_check():
+    """A rank-3 matrix (a LoRA delta) asked for k = 6: the top 3 triplets are exact, the rest σ ≈ 0."""
+    g = torch.Generator().manual_seed(9)
+    A = (torch.randn(4, 60, 3, generator=g, dtype=torch.float64) @ torch.randn(4, 3, 40, generator=g,
+                                                                                  dtype=torch.float64)).cuda()
+    U, S, V = cs.batched_topk_svd(A, 6, "gesvda")
+    assert bool(torch.isfinite(U).all() and torch.isfinite(V).all())
+    assert_rel_close("gesvda rank-deficient reconstruction", recon(U, S, V), A, TOL64["gesvda"])
+
+
+@pytest.mark.gpu
+@needs_ext
+def test_solvers_release_the_gil():
+    """Another Python thread keeps running while the extension blocks on the GPU."""
+    import threading
+    import time
+
+    A = gapped(16, 256, 192, 32, seed=1)
+    ticks, stop = [0], threading.Event()
+
+    def spin():
+        while not stop.is_set():
+            ticks[0] += 1
+            time.sleep(0.0005)
+
+    cs.batched_topk_svd(A, 32, "gesvdp")  # warm-up: handles, workspaces, library load
+    thread = threading.Thread(target=spin)
+    thread.start()
+    time.sleep(0.01)
+    before, start = ticks[0], time.perf_counter()
+    cs.batched_topk_svd(A, 32, "gesvdp")  # 16 synchronous Xgesvdp calls
+    elapsed, during = time.perf_counter() - start, ticks[0] - before
+    stop.set()
+    thread.join()
+    # holding the GIL for the whole call would allow ~1 tick (at the call's start); a free GIL
+    # allows one per 0.5 ms sleep, minus scheduling noise
+    assert during >= max(3, 0.1 * elapsed / 0.0005), f"{during} ticks in {elapsed * 1e3:.1f} ms"
+
+
+# ------------------------------------------------------------------------------- GPU: eigh
+EIGH_CASES = [(n, method) for n in (5, 32, 33, 100) for method in ("auto", "syevj_batched", "syev_batched", "syevd")
+              if not (method == "syevj_batched" and n > 32)]  # syevjBatched is for n <= 32
+
+
+@pytest.mark.gpu
+@needs_ext
+@pytest.mark.parametrize("n,method", EIGH_CASES)
 def test_eigh_float64_parity(n, method):
-    if method == "syevj_batched" and n > 32:
-        pytest.skip("syevjBatched is for n <= 32")
     if method == "syev_batched" and not cs._ext().has_xsyev_batched():
         pytest.skip("built without cusolverDnXsyevBatched (CUDA < 12.6u2)")
     A = sym(4, n, seed=n)
@@ -170,6 +248,18 @@ def test_eigh_float64_parity(n, method):
     assert_rel_close(f"{method} n={n} reconstruction", (Z * w.unsqueeze(-2)) @ Z.mT, A, 1e-12)
     assert_rel_close(f"{method} n={n} orthonormality", Z.mT @ Z,
                      torch.eye(n, dtype=A.dtype, device=A.device).expand_as(A), 1e-12)
+
+
+@pytest.mark.gpu
+@needs_ext
+@pytest.mark.parametrize("n,method", [(20, "syevj_batched"), (40, "syev_batched")])
+def test_eigh_batches_are_split_at_the_32bit_bound(n, method):
+    A = sym(7, n, seed=3)
+    w, Z = cs.batched_eigh(A, method, max_batch_elements=2 * n * n)  # 2 matrices per call
+    assert_rel_close(f"{method} split eigenvalues", w, torch.linalg.eigh(A).eigenvalues, 1e-12)
+    assert_rel_close(f"{method} split reconstruction", (Z * w.unsqueeze(-2)) @ Z.mT, A, 1e-12)
+    *_, info = cs.batched_eigh(A, method, check=False, return_info=True)
+    assert info.shape == (7,) and int(info.abs().sum()) == 0
 
 
 @pytest.mark.gpu
@@ -259,6 +349,74 @@ def test_inputs_are_validated_before_the_extension_is_needed():
         cs.batched_eigh(torch.zeros(2, 4, 4))
     with pytest.raises(ValueError, match="expected matrices"):
         cs.batched_topk_svd(torch.zeros(3), 1)
+
+
+def test_factor_check_accepts_exact_triplets_and_rejects_perturbed_ones():
+    """check_topk_factors (the verification of gesvda / gesvdr) on exact and on spoiled factors."""
+    A = gapped(3, 30, 20, 5, device="cpu", seed=6)
+    U, S, V = topk_ref(A, 5)
+    cs.check_topk_factors(A, U, S, V)
+    cs.check_topk_factors(A.float(), U.float(), S.float(), V.float())
+    # rank-deficient: vectors of σ = 0 are arbitrary and must not fail the check
+    low = A[:, :, :3] @ torch.randn(3, 3, 20, dtype=torch.float64)
+    Ul, Sl, Vl = topk_ref(low, 5)
+    Ul[..., 3:] = torch.randn_like(Ul[..., 3:])
+    cs.check_topk_factors(low, Ul, Sl, Vl)
+    # a wrong subspace with consistent factors (A V = U S exactly): only ‖AᵀU − VS‖ sees it
+    q = torch.linalg.qr(torch.randn(3, 20, 5, dtype=torch.float64))[0]
+    p_, s_wrong, w_h = torch.linalg.svd(A @ q, full_matrices=False)
+    spoiled = {"subspace": (p_, s_wrong, q @ w_h.mT),
+               "U": (U + 1e-3 * torch.randn_like(U), S, V), "S": (U, S * 1.01, V),
+               "V": (U, S, V + 1e-3 * torch.randn_like(V)), "order": (U, S.flip(-1), V),
+               "nan": (U, torch.where(S == S.amax(), float("nan"), S), V)}
+    for what, (u, s_, v) in spoiled.items():
+        with pytest.raises(RuntimeError, match="gesvda returned inaccurate factors for matrix 0"):
+            cs.check_topk_factors(A, u, s_, v, routine="gesvda")
+
+
+def test_unchecked_calls_must_take_the_info():
+    A = torch.zeros(2, 8, 6, dtype=torch.float64)
+    with pytest.raises(ValueError, match="check=False would drop the per-matrix info"):
+        cs.batched_topk_svd(A, 2, check=False)
+    with pytest.raises(ValueError, match="check=False would drop the per-matrix info"):
+        cs.batched_eigh(torch.zeros(2, 4, 4), check=False)
+
+
+_EXT_IMPORTS = cs.extension_unavailable_reason() is None
+
+
+@pytest.mark.skipif(HAS_CUDA or not _EXT_IMPORTS,
+                    reason="needs the built extension on a machine without a GPU (bash .ci/link_check.sh)")
+def test_extension_validates_arguments_without_a_device():
+    """The compiled bindings reject bad arguments with one-line errors before needing a device,
+    and a CPU tensor with a clear device error (.ci/link_check.sh runs this against a CUDA torch)."""
+    ext = cs._ext()
+    A = torch.zeros(2, 40, 30, dtype=torch.float64)
+    cases = [
+        (lambda: ext.batched_svd(A, 31, "gesvda"), r"k must satisfy 1 <= k <= min\(m, n\) = 30"),
+        (lambda: ext.batched_svd(A, 4, "nope"), "unknown method 'nope'"),
+        (lambda: ext.batched_svd(A, 4, "gesvdj_batched"), "supports matrices up to 32 x 32"),
+        (lambda: ext.batched_svd(A, 30, "gesvdr"), r"gesvdr needs k < min\(m, n\) = 30"),
+        (lambda: ext.batched_svd(A, 6, "gesvdr", True, 24), r"k \+ oversample < min\(m, n\)"),
+        (lambda: ext.batched_svd(A, 4, "gesvda", True, -1, 10, 0), "max_batch_elements must be in"),
+        (lambda: ext.batched_svd(A[0], 4), r"expected a batch of matrices \[B, m, n\]"),
+        (lambda: ext.batched_svd(A.to(torch.bfloat16), 4), "expected float32 or float64"),
+        (lambda: ext.batched_svd(A[:, :0], 1), "matrices must be non-empty"),
+        (lambda: ext.batched_svd(A, 4), "expected a CUDA tensor, got one on cpu"),
+        (lambda: ext.batched_eigh(A), r"expected square matrices \[B, n, n\]"),
+        (lambda: ext.batched_eigh(A[:, :30], "nope"), "unknown method 'nope'"),
+        (lambda: ext.batched_eigh(A[:, :30], "syevj_batched"), "supports matrices up to 32 x 32"),
+        (lambda: ext.batched_eigh(A[:, :30].half()), "expected float32 or float64"),
+        (lambda: ext.batched_eigh(A[:, :30]), "expected a CUDA tensor, got one on cpu"),
+    ]
+    for call, message in cases:
+        with pytest.raises(RuntimeError, match=message) as caught:
+            call()
+        first_line = str(caught.value).splitlines()[0]
+        assert first_line.startswith("tsv_fast._C."), first_line
+        print(first_line)
+    assert isinstance(ext.has_xsyev_batched(), bool)
+    assert ext.cusolver_version() >= 11000 and ext.CUSOLVER_BUILD_VERSION >= 11000
 
 
 def test_importing_the_backend_does_not_load_the_extension():
