@@ -212,6 +212,29 @@ def test_gpu_real_layer_shapes(m, n, out_dtype):
                      torch_error=torch_err)
 
 
+@gpu
+@pytest.mark.parametrize("shape,dtype", [((1536, 384), torch.float32), ((384, 1536), torch.bfloat16)])
+def test_gpu_merge_through_triton_backend_at_layer_scale(shape, dtype):
+    """The whole merge on CUDA with backend="triton", T = 8: the accuracy contract against the
+    float64 reference (bf16 checkpoints: one bf16 ulp of the merged weights)."""
+    pre, fts = checkpoints(shape, 8, shared=0.5, kind="decay", dtype=dtype, seed=6)
+    pre64 = {k: v.double() for k, v in pre.items()}
+    fts64 = [{k: v.double() for k, v in ft.items()} for ft in fts]
+    want = reference.tsv_merge(pre64, fts64, compute_dtype=torch.float64)
+    cuda = lambda sd: {k: v.cuda() for k, v in sd.items()}  # noqa: E731
+    got, report = tsv_fast.tsv_merge(cuda(pre), [cuda(ft) for ft in fts], backend="triton", return_report=True)
+    assert report.backend == "triton" and got["blocks.0.w"].dtype == dtype
+    key = "blocks.0.w"
+    if dtype == torch.bfloat16:
+        assert_close("gpu merge bf16", got[key].cpu(), want[key].to(dtype), FLOOR[torch.bfloat16])
+        return
+    authors = reference.authors_fast_tsv_merge([{k: ft[k] - pre[k] for k in pre} for ft in fts])
+    m_want = want[key] - pre64[key]
+    authors_err = rel_fro(authors[key], m_want)
+    assert_close(f"gpu merge M {shape}", got[key].double().cpu() - pre64[key], m_want, max(1e-5, 3 * authors_err),
+                 torch_error=authors_err)
+
+
 @sweep
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", [80, 90])
