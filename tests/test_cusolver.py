@@ -181,10 +181,11 @@ def test_nonfinite_input_raises_and_unchecked_calls_return_info(method):
     m, n = (20, 12) if method == "gesvdj_batched" else (40, 24)
     A = gapped(3, m, n, 4, seed=4)
     A[1, 3, 2] = float("nan")
-    with pytest.raises(RuntimeError, match="matrix 1 of the batch"):
+    with pytest.raises(ValueError, match="matrix 1 of the batch contains NaN or Inf"):
         cs.batched_topk_svd(A, 4, method)
-    *_, info = cs.batched_topk_svd(A, 4, method, check=False, return_info=True)
+    *_, info = cs.batched_topk_svd(A, 4, method, check=False, return_info=True)  # no check, no raise
     assert info.shape == (3,) and info.dtype == torch.int32 and info.device.type == "cuda"
+    assert int(info[0]) == 0 and int(info[2]) == 0  # the finite matrices of the batch succeeded
 
 
 @pytest.mark.gpu
@@ -286,7 +287,7 @@ def test_bad_inputs_raise_readable_errors():
         cs.batched_eigh(A[:, :, :39])
     ext = cs._ext()
     with pytest.raises(RuntimeError, match="up to 32 x 32"):
-        ext.batched_svd(A, 4, "gesvdj_batched", True, True)
+        ext.batched_svd(A, 4, "gesvdj_batched", True)
     with pytest.raises(RuntimeError, match="unknown method"):
         ext.batched_eigh(A, "nope", True, True)
     with pytest.raises(RuntimeError, match=r"expected a batch of matrices \[B, m, n\]"):
@@ -395,6 +396,15 @@ def test_factor_check_accepts_exact_triplets_and_rejects_perturbed_ones():
     for what, (u, s_, v) in spoiled.items():
         with pytest.raises(RuntimeError, match="gesvda returned inaccurate factors for matrix 0"):
             cs.check_topk_factors(A, u, s_, v, routine="gesvda")
+
+
+def test_nonfinite_matrices_are_named():
+    A = torch.zeros(4, 5, 3)
+    cs.check_finite(A, "f")
+    A[2, 1, 1] = float("inf")
+    A[3, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"f: matrix 2 of the batch contains NaN or Inf \(2 of 4 matrices\)"):
+        cs.check_finite(A, "f")
 
 
 def test_unchecked_calls_must_take_the_info():

@@ -100,6 +100,15 @@ def _as_batch(A: Tensor) -> Tensor:
             return A.reshape(-1, m, n)
 
 
+def check_finite(A: Tensor, fn: str) -> None:
+    """Raise, naming the first matrix of A [B, m, n] that holds NaN or Inf (one reduction, one
+    sync): what a solver makes of such input varies by routine, from NaN factors to info > 0."""
+    bad = ~torch.isfinite(A).flatten(1).all(dim=1)
+    if bool(bad.any()):
+        raise ValueError(f"{fn}: matrix {int(bad.nonzero()[0])} of the batch contains NaN or Inf "
+                         f"({int(bad.sum())} of {bad.numel()} matrices)")
+
+
 def _limit(max_batch_elements: int | None) -> int:
     return INT32_MAX if max_batch_elements is None else int(max_batch_elements)
 
@@ -117,8 +126,9 @@ def batched_topk_svd(A: Tensor, k: int, method: str = "auto", *, check: bool = T
     "gesvdr" (loop of the randomized Xgesvdr, k < min(m, n), a block of k + ``oversample``
     columns, default min(k, min(m, n) - k - 1), and ``niters`` power iterations).
 
-    With ``check`` (default) a failed ``info`` raises, naming the matrix, and the factors of the
-    approximate routines (gesvda, gesvdr) are verified by ``check_topk_factors`` with ``rtol``.
+    With ``check`` (default) non-finite input and a failed ``info`` raise, naming the matrix, and
+    the factors of the approximate routines (gesvda, gesvdr) are verified by ``check_topk_factors``
+    with ``rtol``.
     ``check=False`` skips both and needs ``return_info=True``: the caller then owns ``info``
     (gesvda: min(m, n) + 1 = not converged, 0 < info <= min(m, n) = partial result).
     ``max_batch_elements`` (tests only) lowers the 32-bit bound at which batches are split.
@@ -139,6 +149,8 @@ def batched_topk_svd(A: Tensor, k: int, method: str = "auto", *, check: bool = T
         raise ValueError(f"{fn}: k must satisfy 1 <= k <= min(m, n) = {min(m, n)}, got {k}")
     lead = A.shape[:-2]
     batch = _as_batch(A)
+    if check:
+        check_finite(batch, fn)
     U, S, V, info, _err = _ext().batched_svd(batch, int(k), method, check,
                                              -1 if oversample is None else int(oversample), int(niters),
                                              _limit(max_batch_elements))
@@ -203,7 +215,10 @@ def batched_eigh(A: Tensor, method: str = "auto", *, lower: bool = True, check: 
         raise ValueError(f"{fn}: unknown method {method!r}; choose one of {EIGH_METHODS}")
     n = A.shape[-1]
     lead = A.shape[:-2]
-    evals, evecs, info = _ext().batched_eigh(_as_batch(A), method, lower, check, _limit(max_batch_elements))
+    batch = _as_batch(A)
+    if check:
+        check_finite(batch.tril() if lower else batch.triu(), fn)  # only that triangle is read
+    evals, evecs, info = _ext().batched_eigh(batch, method, lower, check, _limit(max_batch_elements))
     out = (evals.reshape(*lead, n), evecs.reshape(*lead, n, n))
     return (*out, info.reshape(lead)) if return_info else out
 
