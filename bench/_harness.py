@@ -23,16 +23,24 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "bench" / "results"
+#: Where the result files go (TSV_FAST_BENCH_RESULTS overrides: bench/gpu_check.sh collects them).
+RESULTS = Path(os.environ.get("TSV_FAST_BENCH_RESULTS", ROOT / "bench" / "results"))
 
 #: Layer shapes (m, n) the benchmarks use: ViT-B/32 MLP and attention, ViT-L/14 MLP, LLaMA-7B MLP.
 LAYER_SHAPES = {"vit-b32-mlp": (3072, 768), "vit-b32-attn": (768, 768), "vit-l14-mlp": (4096, 1024),
                 "llama7b-mlp": (11008, 4096)}
 TASK_COUNTS = (8, 20)
+#: TSV_FAST_BENCH_SHAPES=vit-l14-mlp,... and TSV_FAST_BENCH_TASKS=20,...: a subset (time-boxed runs).
+if os.environ.get("TSV_FAST_BENCH_SHAPES"):
+    LAYER_SHAPES = {name: LAYER_SHAPES[name] for name in os.environ["TSV_FAST_BENCH_SHAPES"].split(",")}
+if os.environ.get("TSV_FAST_BENCH_TASKS"):
+    TASK_COUNTS = tuple(int(t) for t in os.environ["TSV_FAST_BENCH_TASKS"].split(","))
 
 #: TSV_FAST_BENCH_DRYRUN=1: run every benchmark's code path on CPU under the Triton interpreter at
 #: tiny shapes (wall-clock timing, meaningless figures) to check the scripts without a GPU.
 DRYRUN = os.environ.get("TSV_FAST_BENCH_DRYRUN", "0") == "1"
+#: TSV_FAST_BENCH_REQUIRE_GPU=1 (bench/gpu_check.sh): no GPU is an error, not a polite exit 0.
+REQUIRE_GPU = os.environ.get("TSV_FAST_BENCH_REQUIRE_GPU", "0") == "1"
 DEV = "cpu" if DRYRUN else "cuda"
 if DRYRUN:
     os.environ["TRITON_INTERPRET"] = "1"
@@ -47,7 +55,7 @@ def require_cuda(name: str) -> None:
     if not torch.cuda.is_available():
         print(f"{name}: no CUDA device found; the kernel benchmarks need a GPU (run them on an H100 with "
               f"`python bench/bench_kernels.py`). Nothing was measured.")
-        sys.exit(0)
+        sys.exit(1 if REQUIRE_GPU else 0)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print(f"{name}: TRITON_INTERPRET is set; unset it to benchmark compiled kernels. Nothing was measured.")
         sys.exit(0)
@@ -138,7 +146,7 @@ class Recorder:
     """Collects benchmark rows and writes them to bench/results/<name>.csv and .json."""
 
     FIELDS = ["op", "provider", "shape", "tasks", "dtype", "precision", "ms", "ms_p20", "ms_p80", "tflops", "gbps",
-              "speedup_vs_torch", "roof", "roof_value", "max_rel_err"]
+              "speedup_vs_torch", "gemm_ms", "over_gemm", "roof", "roof_value", "floor_ms", "max_rel_err"]
 
     def __init__(self, name: str, roofs: dict[str, float] | None = None):
         self.name = name
@@ -151,13 +159,22 @@ class Recorder:
 
     def add(self, op: str, provider: str, shape: str, tasks: int, dtype: str, precision: str, timing: dict,
             flops: float = 0.0, bytes_moved: float = 0.0, roof: str = "", baseline_ms: float | None = None,
-            max_rel_err: float | None = None) -> dict:
+            max_rel_err: float | None = None, gemm_ms: float | None = None) -> dict:
+        """One row. ``baseline_ms``: the torch sequence the op replaces; ``gemm_ms``: a plain cuBLAS
+        GEMM of the op's size (operands given); floor = max(FLOPs / roof, bytes / copy bandwidth)."""
+        roof_tflops = self.roofs.get(roof, 0.0) if roof else 0.0
+        bandwidth = self.roofs.get("memcpy_gbps", 0.0)
+        floor = max(flops / roof_tflops / 1e9 if flops and roof_tflops else 0.0,
+                    bytes_moved / bandwidth / 1e6 if bytes_moved and bandwidth else 0.0)
         row = {"op": op, "provider": provider, "shape": shape, "tasks": tasks, "dtype": dtype, "precision": precision,
                **{k: round(v, 4) for k, v in timing.items()},
                "tflops": round(flops / timing["ms"] / 1e9, 2) if flops else "",
                "gbps": round(bytes_moved / timing["ms"] / 1e6, 1) if bytes_moved else "",
                "speedup_vs_torch": round(baseline_ms / timing["ms"], 2) if baseline_ms else "",
-               "roof": roof, "roof_value": round(self.roofs.get(roof, 0.0), 1) if roof else "",
+               "gemm_ms": round(gemm_ms, 4) if gemm_ms else "",
+               "over_gemm": round(timing["ms"] / gemm_ms, 3) if gemm_ms else "",
+               "roof": roof, "roof_value": round(roof_tflops, 1) if roof else "",
+               "floor_ms": round(floor, 4) if floor else "",
                "max_rel_err": f"{max_rel_err:.2e}" if max_rel_err is not None else ""}
         self.rows.append(row)
         print("  " + "  ".join(f"{k}={row[k]}" for k in self.FIELDS if row[k] != ""))

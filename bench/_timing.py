@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import os
 import statistics
 import threading
 import time
@@ -124,16 +125,22 @@ class PeakMemory:
 # Machine speed, measured in the same run as the benchmark
 # ------------------------------------------------------------------------------------------------
 def measure_machine(device: torch.device, *, runs: int = 5) -> dict:
-    """Copy bandwidth (bytes read + written per second) and fp64 / fp32 GEMM FLOP/s on ``device``."""
+    """Copy bandwidth (bytes read + written per second) and fp64 / fp32 GEMM FLOP/s on ``device``.
+
+    Under bench/gpu_check.sh's dry run (TSV_FAST_GPU_CHECK_DRYRUN=1) the sizes are tiny: its
+    figures mean nothing anyway, and the rehearsal must stay quick.
+    """
     gpu = device.type == "cuda"
     numel = (1 << 28) if gpu else (1 << 26)          # 1 GiB / 256 MiB of float32
+    if os.environ.get("TSV_FAST_GPU_CHECK_DRYRUN", "0") == "1" and not gpu:
+        numel, runs = 1 << 20, min(runs, 2)
     src = torch.randn(numel, device=device)
     dst = torch.empty_like(src)
     copy = time_call(lambda: dst.copy_(src), device, runs=runs, warmup=1)
     bandwidth = 2 * src.numel() * src.element_size() / copy["median_s"]
     del src, dst
     out = {"copy_bytes": 2 * numel * 4, "bandwidth_Bps": bandwidth}
-    size = 8192 if gpu else 1536
+    size = 8192 if gpu else (256 if numel == 1 << 20 else 1536)
     for dtype, name in ((torch.float64, "fp64"), (torch.float32, "fp32")):
         a = torch.randn(size, size, device=device, dtype=dtype)
         b = torch.randn(size, size, device=device, dtype=dtype)

@@ -5,8 +5,10 @@ needing its top-k triplets, k = int(min(m, n) / T) (the paper's rank). Providers
 
   torch.svd[<driver>]     torch.linalg.svd on the batch (default driver, gesvd, gesvdj, gesvda),
                           then the first k triplets
+  torch.svd loop          torch.linalg.svd called once per matrix (what the authors' code does)
   torch.svd_lowrank       torch.svd_lowrank(q = k + 10, niter = 2), batched
   torch.eigh(gram64)      float64 Gram of the smaller side, batched torch.linalg.eigh, U = ΔV/σ
+  torch.eigh loop(gram64) the same with torch.linalg.eigh called once per matrix
   ext.svd[<method>]       tsv_fast._C.batched_svd (gesvda in fp32 and fp64, gesvdj / gesvd /
                           gesvdp loops, gesvdr loop: randomized, block 2k, 10 power iterations)
   ext.eigh[<method>](gram64)  the Gram route with tsv_fast._C.batched_eigh (syev_batched, syevd)
@@ -17,9 +19,13 @@ reconstruction of the same float32 input (float64 SVD up to min(m, n) = 1024, fl
 above; the "ref" column says which).
 Inputs have a prescribed power-law spectrum σⱼ = 1/(1 + j) with random singular vectors.
 
+Each row also carries a floor: max(bytes of the T matrices / copy bandwidth, FLOPs of the Gram
+route T·(2mn² + 9n³ + 2mnk), n = min(m, n), / fp64 GEMM rate), both measured at the start.
+
 Usage (one command runs everything; rows are appended as they are measured):
     python bench/bench_cusolver.py                      # all models, T = 8, 14, 20
     python bench/bench_cusolver.py --models vit-b-32 --tasks 8 --quick
+    python bench/bench_cusolver.py --dry-run            # CPU, tiny shapes: checks the script
 Writes bench/results/cusolver_<gpu>_<utc time>.csv and .json (one row per provider, shape, T).
 Without CUDA it prints why and exits 0.
 """
@@ -29,6 +35,7 @@ import argparse
 import csv
 import json
 import math
+import os
 import statistics
 import subprocess
 import sys
@@ -41,6 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 MODELS = {
+    "tiny": [(40, 24), (24, 40)],  # --dry-run only
     "vit-b-32": [(768, 768), (3072, 768), (768, 3072), (2304, 768)],
     "vit-l-14": [(1024, 1024), (4096, 1024), (1024, 4096), (3072, 1024)],
     "llama-7b": [(4096, 4096), (11008, 4096), (4096, 11008)],
@@ -53,7 +61,8 @@ EXT_SVD = (("gesvda", torch.float32), ("gesvda", torch.float64), ("gesvdj", torc
            ("gesvd", torch.float32), ("gesvdp", torch.float32), ("gesvdr", torch.float32))
 EXT_EIGH = ("syev_batched", "syevd")
 FIELDS = ["op", "provider", "model", "m", "n", "T", "k", "dtype", "median_ms", "p20_ms", "p80_ms",
-          "reps", "rel_err", "ref", "status", "gpu", "torch", "cuda", "cusolver", "git_sha", "timestamp"]
+          "reps", "rel_err", "ref", "floor_ms", "status", "gpu", "torch", "cuda", "cusolver", "git_sha",
+          "timestamp"]
 
 
 def git_sha() -> str:
@@ -108,9 +117,9 @@ class Reference:
     error, about eps·(σ₁/σ_k)² <= 1e-10 for these spectra, is far below the float32 errors
     measured; the gram64 providers then agree with it by construction)."""
 
-    def __init__(self, A: torch.Tensor):
+    def __init__(self, A: torch.Tensor, svd_max_dim: int = SVD_REF_MAX_DIM):
         self.A = A
-        self.route = "svd64" if min(A.shape[-2:]) <= SVD_REF_MAX_DIM else "gram64-eigh"
+        self.route = "svd64" if min(A.shape[-2:]) <= svd_max_dim else "gram64-eigh"
         if self.route == "svd64":
             self.U, self.S, Vh = torch.linalg.svd(A.double(), full_matrices=False)
             self.V = Vh.mT
@@ -142,11 +151,18 @@ def rel_err(ref: Reference, U, S, V, T: int, k: int) -> float:
 def providers(ext, k: int):
     """name -> (dtype label, fn(A [T, m, n] fp32) -> (U, S, V)); unavailable ones -> reason str."""
     out = {}
-    for driver in TORCH_DRIVERS:
+    cpu = DEVICE == "cpu"  # dry run: torch's CPU SVD takes no driver
+    for driver in TORCH_DRIVERS[:1] if cpu else TORCH_DRIVERS:
         def run(A, driver=driver):
             U, S, Vh = torch.linalg.svd(A, full_matrices=False, driver=driver)
             return U[..., :k], S[..., :k], Vh[..., :k, :].mT
         out[f"torch.svd[{driver or 'default'}]"] = ("float32", run)
+
+    def svd_loop(A):
+        parts = [torch.linalg.svd(a, full_matrices=False) for a in A]
+        return (torch.stack([u[:, :k] for u, _, _ in parts]), torch.stack([s[:k] for _, s, _ in parts]),
+                torch.stack([vh[:k].mT for _, _, vh in parts]))
+    out["torch.svd loop"] = ("float32", svd_loop)
 
     def lowrank(A):
         U, S, V = torch.svd_lowrank(A, q=min(k + 10, min(A.shape[-2:])), niter=2)
@@ -158,6 +174,12 @@ def providers(ext, k: int):
         evals, evecs = torch.linalg.eigh(G)
         return factors_from_eig(A, evals, evecs, k, wide)
     out["torch.eigh(gram64)"] = ("float64", torch_gram)
+
+    def torch_gram_loop(A):
+        G, wide = gram64(A)
+        pairs = [torch.linalg.eigh(g) for g in G]
+        return factors_from_eig(A, torch.stack([w for w, _ in pairs]), torch.stack([v for _, v in pairs]), k, wide)
+    out["torch.eigh loop(gram64)"] = ("float64", torch_gram_loop)
 
     for method, dtype in EXT_SVD:
         name = f"ext.svd[{method}]"
@@ -187,18 +209,44 @@ def providers(ext, k: int):
     return out
 
 
+class CpuStandIn:
+    """--dry-run: the extension's Python API answered by torch on the CPU, so that every provider's
+    code path runs without a GPU (its figures are torch's, and meaningless)."""
+
+    @staticmethod
+    def batched_topk_svd(A, k, method="auto", **options):
+        U, S, Vh = torch.linalg.svd(A, full_matrices=False)
+        return U[..., :k], S[..., :k], Vh[..., :k, :].mT
+
+    @staticmethod
+    def batched_eigh(A, method="auto", **options):
+        return torch.linalg.eigh(A)
+
+    @staticmethod
+    def _ext():
+        return type("Ext", (), {"has_xsyev_batched": staticmethod(lambda: True),
+                                "cusolver_version": staticmethod(lambda: 0)})
+
+
 def time_cuda(fn, *, warmup: int, reps: int, slow_s: float):
-    """Median / quantiles (ms) with CUDA events on the current stream. A warm-up slower than
-    ``slow_s`` is reported as the single sample (marked by reps = 1)."""
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    """Median / quantiles (ms) with CUDA events on the current stream (wall clock on the CPU dry
+    run). A warm-up slower than ``slow_s`` is reported as the single sample (marked by reps = 1)."""
+    cuda = DEVICE != "cpu"
+    if cuda:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     result = None
     samples = []
     for i in range(warmup + reps):
-        start.record()
-        result = fn()
-        end.record()
-        end.synchronize()
-        ms = start.elapsed_time(end)
+        if cuda:
+            start.record()
+            result = fn()
+            end.record()
+            end.synchronize()
+            ms = start.elapsed_time(end)
+        else:
+            began = time.perf_counter()
+            result = fn()
+            ms = (time.perf_counter() - began) * 1e3
         if i < warmup:
             if ms > slow_s * 1e3:
                 return result, [ms]
@@ -228,38 +276,54 @@ def main(argv=None) -> int:
                         help="stop starting new measurements after this many seconds (the default fits "
                              "a 10-minute job; raise it, or run one --models at a time)")
     parser.add_argument("--quick", action="store_true", help="reps = 2, slow-s = 3")
+    parser.add_argument("--shapes", nargs="*", help="only these MxN shapes of the chosen models, e.g. 4096x1024")
+    parser.add_argument("--ref-max-dim", type=int, default=SVD_REF_MAX_DIM,
+                        help="float64 SVD reference up to this min(m, n), float64 Gram eigh above (0: always the Gram)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="CPU, tiny shapes, torch providers only: checks the script without a GPU")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args(argv)
     if args.quick:
         args.reps, args.slow_s = 2, 3.0
-
-    if not torch.cuda.is_available():
+    global DEVICE
+    if args.dry_run:
+        DEVICE = "cpu"
+        args.models, args.tasks = ["tiny"], [t for t in args.tasks if t <= 4] or [3]
+        print("bench_cusolver: --dry-run: CPU, tiny shapes, figures are meaningless")
+    elif not torch.cuda.is_available():
         print("bench_cusolver: no CUDA device visible (torch "
               f"{torch.__version__}, CUDA {torch.version.cuda}); nothing to measure.")
-        return 0
+        return 1 if os.environ.get("TSV_FAST_BENCH_REQUIRE_GPU", "0") == "1" else 0
 
     from tsv_fast.backends import cusolver as ext
-    reason = ext.extension_unavailable_reason()
+    reason = None if args.dry_run else ext.extension_unavailable_reason()
+    if args.dry_run:
+        ext = CpuStandIn  # the provider code runs; the figures are torch's
     ext_or_reason = ext if reason is None else f"tsv_fast._C unavailable: {reason}"
     if reason:
         print(f"bench_cusolver: {ext_or_reason}; measuring the torch providers only")
 
     torch.backends.cuda.matmul.allow_tf32 = False  # IEEE fp32 everywhere (DESIGN.md §2)
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    props = torch.cuda.get_device_properties(0)
-    meta = {"gpu": props.name, "torch": torch.__version__, "cuda": torch.version.cuda,
+    name = "cpu-dryrun" if args.dry_run else torch.cuda.get_device_properties(0).name
+    sys.path.insert(0, str(ROOT / "bench"))
+    import _timing  # noqa: E402 - the machine's copy bandwidth and fp64 GEMM rate, for the floors
+
+    machine = _timing.measure_machine(torch.device(DEVICE), runs=2 if args.dry_run else 5)
+    meta = {"gpu": name, "torch": torch.__version__, "cuda": torch.version.cuda,
             "cusolver": ext._ext().cusolver_version() if reason is None else "",
-            "git_sha": git_sha(), "timestamp": stamp}
+            "git_sha": git_sha(), "timestamp": stamp, "bandwidth_GBps": machine["bandwidth_Bps"] / 1e9,
+            "gemm_fp64_GFLOPs": machine["gemm_fp64_flops"] / 1e9}
     args.out.mkdir(parents=True, exist_ok=True)
-    slug = "".join(c if c.isalnum() else "-" for c in props.name).strip("-").lower()
+    slug = "".join(c if c.isalnum() else "-" for c in name).strip("-").lower()
     csv_path = args.out / f"cusolver_{slug}_{stamp}.csv"
     rows = []
     began = time.monotonic()
-    print(f"bench_cusolver: {props.name}, torch {torch.__version__}, CUDA {torch.version.cuda}; "
-          f"writing {csv_path}")
+    print(f"bench_cusolver: {name}, torch {torch.__version__}, CUDA {torch.version.cuda}; copy "
+          f"{meta['bandwidth_GBps']:.0f} GB/s, fp64 GEMM {meta['gemm_fp64_GFLOPs']:.0f} GFLOP/s; writing {csv_path}")
 
     with csv_path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        writer = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
         writer.writeheader()
 
         def emit(**row):
@@ -274,14 +338,20 @@ def main(argv=None) -> int:
 
         for model in args.models:
             for m, n in MODELS[model]:
+                if args.shapes and f"{m}x{n}" not in args.shapes:
+                    continue
                 print(f"{model} {m}x{n}", flush=True)
                 A_all = make_tasks(m, n, max(args.tasks), seed=m * 7 + n)
-                ref = Reference(A_all)
+                ref = Reference(A_all, args.ref_max_dim)
                 too_slow: set[str] = set()
                 for T in sorted(args.tasks):
                     k = int(min(m, n) * (1 / T))
                     A = A_all[:T].contiguous()
-                    base = dict(model=model, m=m, n=n, T=T, k=k)
+                    small, big = min(m, n), max(m, n)
+                    floor_s = max(4.0 * T * m * n / machine["bandwidth_Bps"],
+                                  T * (2.0 * big * small ** 2 + 9.0 * small ** 3 + 2.0 * big * small * k)
+                                  / machine["gemm_fp64_flops"])
+                    base = dict(model=model, m=m, n=n, T=T, k=k, floor_ms=f"{floor_s * 1e3:.3f}")
                     for name, spec in providers(ext_or_reason, k).items():
                         if args.providers and not any(p in name for p in args.providers):
                             continue
@@ -314,9 +384,11 @@ def main(argv=None) -> int:
                             msg = str(exc).splitlines()[0][:200] if str(exc) else ""
                             emit(**base, provider=name, dtype=label,
                                  status=f"error: {type(exc).__name__}: {msg}")
-                        torch.cuda.empty_cache()
+                        if DEVICE != "cpu":
+                            torch.cuda.empty_cache()
                 del A_all, ref
-                torch.cuda.empty_cache()
+                if DEVICE != "cpu":
+                    torch.cuda.empty_cache()
 
     json_path = csv_path.with_suffix(".json")
     json_path.write_text(json.dumps({"meta": meta, "args": {k: str(v) for k, v in vars(args).items()},

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -20,16 +21,24 @@ from _harness import ceilings, require_cuda  # noqa: E402
 OPS = ("task_gram", "stack_gram", "sti", "reconstruct")
 
 
-def main(argv: list[str]) -> None:
+def main(argv: list[str]) -> int:
     require_cuda("bench_kernels")
     ops = argv or list(OPS)
     unknown = sorted(set(ops) - set(OPS))
     if unknown:
         raise SystemExit(f"unknown op(s) {unknown}; choose from {OPS}")
     roofs = ceilings()
-    for op in ops:
-        importlib.import_module(f"bench_{op}").main(roofs)
+    failed = []
+    for op in ops:  # one op failing must not cost the others their numbers
+        try:
+            importlib.import_module(f"bench_{op}").main(roofs)
+        except Exception:
+            traceback.print_exc()
+            failed.append(op)
+    if failed:
+        print(f"bench_kernels: FAILED: {', '.join(failed)}")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(main(sys.argv[1:]))

@@ -40,6 +40,7 @@ import os
 import platform
 import re
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
@@ -271,12 +272,27 @@ def timed_run(fn, device: torch.device) -> tuple[float, int, str, object]:
     return seconds, mem.peak_bytes, mem.method, out
 
 
+class Interrupted(Exception):
+    """SIGTERM (e.g. `timeout` of bench/gpu_check.sh): stop timing, report what was measured."""
+
+
+def _raise_interrupted(signum, frame):
+    raise Interrupted(f"signal {signum}")
+
+
 def run_workload(name: str, num_tasks: int, device: torch.device, *, providers: Sequence[str],
                  runs: int, warmup: int, blocks: int | None = None, keys: str | None = None,
                  authors_blocks: int | None = None, label: str = "", machine: Mapping | None = None, env: Mapping | None = None,
-                 seed: int = 0, log=print) -> list[dict]:
-    """Every provider on one (layout, T): a list of rows with ROW_FIELDS."""
+                 seed: int = 0, log=print, deadline: float | None = None) -> list[dict]:
+    """Every provider on one (layout, T): a list of rows with ROW_FIELDS.
+
+    ``deadline`` (time.monotonic()): no provider is warmed up and no timed round is started after
+    it (each provider that started keeps at least one timed run), and an Interrupted exception
+    during the timed runs ends them; either way the rows of what was measured are returned and a
+    log line names what was skipped.
+    """
     machine = machine or _timing.measure_machine(device)
+    late = lambda: deadline is not None and time.monotonic() > deadline  # noqa: E731
     env = env or environment(device, "custom", " ".join(sys.argv))
     shapes = select_layout(name, blocks, keys)
     started = time.perf_counter()
@@ -309,14 +325,20 @@ def run_workload(name: str, num_tasks: int, device: torch.device, *, providers: 
     # machine whose load drifts biases no provider
     plans = []
     for provider in providers:
+        if late():
+            log(f"[{name} T={num_tasks}] {provider}: skipped, the time budget is spent")
+            continue
         fn = provider_fn(provider, device)
         partial = provider == "authors" and authors_blocks is not None and authors_blocks < num_blocks
         warm = {}
         if partial or device.type == "cuda":
             # one run on one key per unique shape: every shape compiled / touched before timing, and
             # the authors' error on the shapes that a partial run does not time
+            started = time.perf_counter()
             warm = fn(rep_tvs)
             _timing.synchronize(device)
+            log(f"[{name} T={num_tasks}] {provider}: warm-up on one key per shape in "
+                f"{time.perf_counter() - started:.1f} s")
         if partial:
             work = subset(tvs, [k for k in shapes if block_of(k) is not None and block_of(k) < authors_blocks])
         else:
@@ -325,12 +347,23 @@ def run_workload(name: str, num_tasks: int, device: torch.device, *, providers: 
             fn(work)
         plans.append({"provider": provider, "fn": fn, "work": work, "partial": partial, "warm": warm,
                       "samples": [], "peak": 0, "method": "", "out": None})
-    for _ in range(runs):
-        for plan in plans:
-            plan["out"] = None  # never keep a provider's previous output alive during its next run
-            seconds, peak, method, plan["out"] = timed_run(lambda: plan["fn"](plan["work"]), device)
-            plan["samples"].append(seconds)
-            plan["peak"], plan["method"] = max(plan["peak"], peak), method
+    try:
+        for round_ in range(runs):
+            for plan in plans:
+                if round_ > 0 and late():
+                    continue
+                plan["out"] = None  # never keep a provider's previous output alive during its next run
+                seconds, peak, method, plan["out"] = timed_run(lambda: plan["fn"](plan["work"]), device)
+                plan["samples"].append(seconds)
+                plan["peak"], plan["method"] = max(plan["peak"], peak), method
+                log(f"[{name} T={num_tasks}] {plan['provider']}: run {round_ + 1} {seconds:.3f} s")
+    except Interrupted as why:
+        log(f"[{name} T={num_tasks}] interrupted ({why}) during the timed runs: reporting what was measured")
+    plans = [plan for plan in plans if plan["samples"] and plan["out"] is not None]
+    if any(len(plan["samples"]) < runs for plan in plans):
+        log(f"[{name} T={num_tasks}] fewer than {runs} runs for " + ", ".join(
+            f"{plan['provider']} ({len(plan['samples'])})" for plan in plans if len(plan["samples"]) < runs)
+            + " (time budget)")
 
     rows, authors_err, authors_per_block, authors_total = [], {}, None, None
     for plan in plans:
@@ -553,10 +586,14 @@ def parse_args(argv=None):
                         "a run on one key per unique shape always comes first")
     parser.add_argument("--authors-blocks", type=int,
                         help="time the authors on the first N blocks only; ratios become per-block normalised")
+    parser.add_argument("--time-budget-s", type=float,
+                        help="start no provider and no timed round after this many seconds (SIGTERM also "
+                             "ends the timed runs); rows of what was measured are saved")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out-dir", type=Path, default=RESULTS)
     parser.add_argument("--note", default="", help="free text stored with the results (e.g. 'noisy machine')")
+    parser.add_argument("--tag", help="results file name tag (default: the config name)")
     parser.add_argument("--no-save", action="store_true")
     parser.add_argument("--render", action="store_true", help="print the README table from the results files")
     parser.add_argument("--files", nargs="*", type=Path, help="results JSON files for --render "
@@ -600,15 +637,25 @@ def main(argv=None) -> list[dict]:
     meta = {**env, "machine": machine, "note": args.note, "runs": runs, "warmup": warmup}
     label = config.get("label", "") if keys == config["keys"] and blocks == config["blocks"] else ""
     rows = []
+    deadline = None if args.time_budget_s is None else time.monotonic() + args.time_budget_s
+    signal.signal(signal.SIGTERM, _raise_interrupted)
+    paths = None
     for name, num_tasks in workloads:
-        rows += run_workload(name, num_tasks, device, providers=providers, runs=runs, warmup=warmup,
-                             blocks=blocks, keys=keys, authors_blocks=args.authors_blocks, label=label,
-                             machine=machine, env=env, seed=args.seed)
-        if not args.no_save:  # after every workload, so a long run that is cut short keeps its rows
-            csv_path, json_path = save(rows, device, args.config, args.out_dir, meta)
+        if deadline is not None and time.monotonic() > deadline:
+            print(f"[{name} T={num_tasks}] skipped, the time budget is spent")
+            continue
+        try:
+            rows += run_workload(name, num_tasks, device, providers=providers, runs=runs, warmup=warmup,
+                                 blocks=blocks, keys=keys, authors_blocks=args.authors_blocks, label=label,
+                                 machine=machine, env=env, seed=args.seed, deadline=deadline)
+        except Interrupted as why:  # before any timed run of this workload: nothing to report for it
+            print(f"[{name} T={num_tasks}] interrupted ({why}) before its timed runs")
+            break
+        if not args.no_save and rows:  # after every workload, so a run that is cut short keeps its rows
+            paths = save(rows, device, args.tag or args.config, args.out_dir, meta)
     print_table(rows)
-    if not args.no_save:
-        print(f"wrote {csv_path} and {json_path}")
+    if paths:
+        print(f"wrote {paths[0]} and {paths[1]}")
     return rows
 
 

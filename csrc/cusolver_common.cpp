@@ -68,15 +68,17 @@ DnParams::~DnParams() {
   if (p) cusolverDnDestroyParams(p);
 }
 
-void check_infos(const at::Tensor& info, const char* routine, int64_t offset_in_batch) {
+void check_infos(const at::Tensor& info, const char* routine, int64_t fail_from) {
   // One reduction and one host read for the common all-good case.
-  if (info.numel() == 0 || !info.ne(0).any().item<bool>()) return;
+  if (info.numel() == 0) return;
+  const at::Tensor bad_mask = info.lt(0).logical_or(info.ge(fail_from));
+  if (!bad_mask.any().item<bool>()) return;
   const at::Tensor host = info.to(at::kCPU);
   const int* v = host.data_ptr<int>();
   int64_t bad = 0;
   int64_t first = -1;
   for (int64_t i = 0; i < host.numel(); ++i) {
-    if (v[i] != 0) {
+    if (v[i] < 0 || v[i] >= fail_from) {
       if (first < 0) first = i;
       ++bad;
     }
@@ -84,22 +86,23 @@ void check_infos(const at::Tensor& info, const char* routine, int64_t offset_in_
   const int code = v[first];
   std::string what = code < 0 ? "argument " + std::to_string(-code) + " was invalid"
                               : "did not converge (info = " + std::to_string(code) + ")";
-  TORCH_CHECK(false, "tsv_fast._C: ", routine, " failed for matrix ", first + offset_in_batch,
+  TORCH_CHECK(false, "tsv_fast._C: ", routine, " failed for matrix ", first,
               " of the batch: ", what, "; ", bad, " of ", host.numel(),
-              " matrices reported a nonzero info. Non-finite input (NaN/Inf) is the usual "
-              "cause of non-convergence.");
+              " matrices failed. Non-finite input (NaN/Inf) is the usual cause of non-convergence.");
 }
 
 void check_batched_input(const at::Tensor& A, const char* fn) {
   TORCH_CHECK(A.defined(), fn, ": input is undefined");
-  TORCH_CHECK(A.is_cuda(), fn, ": expected a CUDA tensor, got one on ", A.device());
+  TORCH_CHECK(A.dim() == 3, fn, ": expected a batch of matrices [B, m, n], got shape ", A.sizes());
   TORCH_CHECK(A.scalar_type() == at::kFloat || A.scalar_type() == at::kDouble, fn,
               ": expected float32 or float64, got ", A.scalar_type(),
               " (cast bf16/fp16 inputs to float32 first)");
-  TORCH_CHECK(A.dim() == 3, fn, ": expected a batch of matrices [B, m, n], got shape ",
-              A.sizes());
   TORCH_CHECK(A.size(1) >= 1 && A.size(2) >= 1, fn, ": matrices must be non-empty, got shape ",
               A.sizes());
+}
+
+void check_cuda_input(const at::Tensor& A, const char* fn) {
+  TORCH_CHECK(A.is_cuda(), fn, ": expected a CUDA tensor, got one on ", A.device());
 }
 
 }  // namespace tsv

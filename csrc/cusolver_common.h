@@ -12,6 +12,7 @@
 #include <cuda_runtime_api.h>
 #include <cusolverDn.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <limits>
 #include <string>
@@ -83,12 +84,16 @@ inline at::Tensor device_workspace(int64_t bytes, const at::Tensor& like) {
 }
 
 // Turn the per-matrix `info` array into a readable error naming the first failing matrix.
-// This synchronises the stream once (a device-to-host read); callers that must stay
-// asynchronous pass check=false and inspect `info` themselves.
-void check_infos(const at::Tensor& info, const char* routine, int64_t offset_in_batch = 0);
+// info < 0: argument -info was invalid; info >= fail_from: the routine failed (did not converge);
+// 0 < info < fail_from: a partial result the routine documents as usable (gesvda only), left to
+// the caller, who gets `info` back. Synchronises the stream once (a device-to-host read); callers
+// that must stay asynchronous pass check=false and inspect the returned `info` themselves.
+void check_infos(const at::Tensor& info, const char* routine, int64_t fail_from = 1);
 
-// Checks shared by both entry points.
+// Shape and dtype checks shared by both entry points (no device needed, so they run first).
 void check_batched_input(const at::Tensor& A, const char* fn);
+// The device check, after every argument check.
+void check_cuda_input(const at::Tensor& A, const char* fn);
 
 // int32 arguments of the legacy cuSOLVER API: refuse sizes that would overflow them.
 inline int to_int(int64_t v, const char* what) {
@@ -96,6 +101,24 @@ inline int to_int(int64_t v, const char* what) {
               " exceeds the 32-bit range of this cuSOLVER routine");
   return static_cast<int>(v);
 }
+
+// A workspace size from a 32-bit *_bufferSize query: a negative value is an overflow inside
+// cuSOLVER, never something to round up.
+inline int checked_lwork(int lwork, const char* routine) {
+  TORCH_CHECK(lwork >= 0, "tsv_fast._C: ", routine, "_bufferSize returned a negative workspace size (",
+              lwork, "): the problem is too large for this 32-bit routine");
+  return lwork;
+}
+
+// Matrices per call so that `per_matrix` elements times the batch stay within `limit` (the
+// documented 32-bit bounds, e.g. gesvda batch*strideA <= INT32_MAX); one matrix must fit.
+inline int64_t batch_chunk(int64_t per_matrix, int64_t batch, int64_t limit, const char* routine) {
+  TORCH_CHECK(per_matrix <= limit, "tsv_fast._C: ", routine, ": one matrix needs ", per_matrix,
+              " elements, more than the ", limit, " this routine can address");
+  return std::max<int64_t>(1, std::min<int64_t>(batch, limit / std::max<int64_t>(per_matrix, 1)));
+}
+
+constexpr int64_t kInt32Max = std::numeric_limits<int>::max();
 
 template <typename T>
 struct CudaType;

@@ -29,7 +29,7 @@ void eigh_syevj_batched(cusolverDnHandle_t h, at::Tensor& Z, at::Tensor& W, int6
     TSV_CUSOLVER_CHECK(
         cusolverDnDsyevjBatched_bufferSize(h, jobz, uplo, nn, z, nn, w, &lwork, params.p, batch));
   }
-  at::Tensor work = at::empty({std::max(lwork, 1)}, Z.options());
+  at::Tensor work = at::empty({checked_lwork(lwork, "syevjBatched")}, Z.options());
   if constexpr (std::is_same_v<T, float>) {
     TSV_CUSOLVER_CHECK(cusolverDnSsyevjBatched(h, jobz, uplo, nn, z, nn, w, work.data_ptr<T>(),
                                                lwork, info.data_ptr<int>(), params.p, batch));
@@ -44,6 +44,8 @@ template <typename T>
 void eigh_xsyev_batched(cusolverDnHandle_t h, at::Tensor& Z, at::Tensor& W, int64_t B, int64_t n,
                         cublasFillMode_t uplo, const at::Tensor& info) {
   DnParams params;
+  // The default algorithm may switch between methods by size; ALG_1 is the one consistent method.
+  TSV_CUSOLVER_CHECK(cusolverDnSetAdvOptions(params.p, CUSOLVERDN_SYEVBATCHED, CUSOLVER_ALG_1));
   const cudaDataType dt = CudaType<T>::value;
   const auto jobz = CUSOLVER_EIG_MODE_VECTOR;
   size_t dev_bytes = 0, host_bytes = 0;
@@ -86,8 +88,10 @@ bool has_xsyev_batched() { return TSV_HAVE_XSYEV_BATCHED != 0; }
 
 // Returns [eigenvalues (B, n) ascending, eigenvectors (B, n, n) as columns, info (B,) int32].
 // Only the lower triangle (or the upper one, with lower=false) of each matrix is read.
+// `max_batch_elements` caps n * lda * batch per batched call (default and maximum INT32_MAX, the
+// documented bound of XsyevBatched; smaller values only serve tests of the chunking).
 std::vector<at::Tensor> batched_eigh(const at::Tensor& A, const std::string& method_in, bool lower,
-                                     bool check) {
+                                     bool check, int64_t max_batch_elements) {
   constexpr const char* fn = "tsv_fast._C.batched_eigh";
   check_batched_input(A, fn);
   const int64_t B = A.size(0), n = A.size(1);
@@ -105,6 +109,9 @@ std::vector<at::Tensor> batched_eigh(const at::Tensor& A, const std::string& met
               ": method 'syev_batched' needs cusolverDnXsyevBatched (cuSOLVER >= 11.7.1, CUDA "
               ">= 12.6 update 2); this extension was built against cuSOLVER ",
               CUSOLVER_VERSION);
+  TORCH_CHECK(max_batch_elements >= 1 && max_batch_elements <= kInt32Max, fn,
+              ": max_batch_elements must be in [1, ", kInt32Max, "], got ", max_batch_elements);
+  check_cuda_input(A, fn);
 
   c10::cuda::CUDAGuard guard(A.device());
   auto info = at::zeros({B}, A.options().dtype(at::kInt));
@@ -116,14 +123,24 @@ std::vector<at::Tensor> batched_eigh(const at::Tensor& A, const std::string& met
 
   HandleLease handle;
   AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "tsv_batched_eigh", [&] {
-    if (method == "syevj_batched") {
-      eigh_syevj_batched<scalar_t>(handle.get(), Z, W, B, n, uplo, info);
-    } else if (method == "syev_batched") {
-#if TSV_HAVE_XSYEV_BATCHED
-      eigh_xsyev_batched<scalar_t>(handle.get(), Z, W, B, n, uplo, info);
-#endif
-    } else {
+    if (method == "syevd") {
       eigh_syevd_loop<scalar_t>(handle.get(), Z, W, B, n, uplo, info);
+      return;
+    }
+    // The batched routines address n * lda * batch elements with 32-bit offsets: split batches.
+    const int64_t chunk = batch_chunk(n * n, B, max_batch_elements,
+                                      method == "syevj_batched" ? "syevjBatched" : "XsyevBatched");
+    for (int64_t b0 = 0; b0 < B; b0 += chunk) {
+      const int64_t nb = std::min(chunk, B - b0);
+      at::Tensor z = Z.narrow(0, b0, nb), w = W.narrow(0, b0, nb);
+      const at::Tensor inf = info.narrow(0, b0, nb);
+      if (method == "syevj_batched") {
+        eigh_syevj_batched<scalar_t>(handle.get(), z, w, nb, n, uplo, inf);
+      } else {
+#if TSV_HAVE_XSYEV_BATCHED
+        eigh_xsyev_batched<scalar_t>(handle.get(), z, w, nb, n, uplo, inf);
+#endif
+      }
     }
   });
   if (check) check_infos(info, method.c_str());

@@ -3,7 +3,8 @@
 // Layout: cuSOLVER is column-major. A row-major matrix A (m x n) is, byte for byte, the
 // column-major matrix X = A^T (n x m), so we hand cuSOLVER X and swap the factors afterwards
 // (A = X^T = Vx S Ux^T). Outputs are written column-major and returned as transposed views.
-// A copy is made only when the routine overwrites its input or needs the other orientation.
+// Every routine gets its own copy of A: all of them overwrite it (gesvda too, although its
+// documentation does not say so; PyTorch clones A for it).
 #include "cusolver_common.h"
 
 #include <algorithm>
@@ -54,7 +55,7 @@ struct Factors {
 
 template <typename T>
 Factors svd_gesvda(cusolverDnHandle_t h, const ColMajorBatch& X, int64_t B, int64_t k,
-                   const at::Tensor& info, at::Tensor& residual, bool compute_residual) {
+                   const at::Tensor& info) {
   const int r = to_int(X.rows, "rows"), c = to_int(X.cols, "cols"), rank = to_int(k, "k");
   const int batch = to_int(B, "batch size");
   auto opts = X.mem.options();
@@ -75,21 +76,18 @@ Factors svd_gesvda(cusolverDnHandle_t h, const ColMajorBatch& X, int64_t B, int6
     TSV_CUSOLVER_CHECK(cusolverDnDgesvdaStridedBatched_bufferSize(
         h, jobz, rank, r, c, a, r, sA, s, sS, u, r, sU, v, c, sV, &lwork, batch));
   }
-  at::Tensor work = at::empty({std::max(lwork, 1)}, opts);
-  // The residual norms are written to host memory, which makes this call synchronous.
-  double* res = nullptr;
-  if (compute_residual) {
-    residual = at::empty({B}, at::TensorOptions().dtype(at::kDouble).device(at::kCPU));
-    res = residual.data_ptr<double>();
-  }
+  at::Tensor work = at::empty({checked_lwork(lwork, "gesvdaStridedBatched")}, opts);
+  // h_RnrmF is NULL: it is the residual ||A - U S V^T|| only when rank = n (for rank < n it
+  // measures how far U is from unitary), and a host output would make the call synchronous.
+  // The caller checks the factors instead (tsv_fast.backends.cusolver).
   if constexpr (std::is_same_v<T, float>) {
     TSV_CUSOLVER_CHECK(cusolverDnSgesvdaStridedBatched(
         h, jobz, rank, r, c, a, r, sA, s, sS, u, r, sU, v, c, sV, work.data_ptr<T>(), lwork,
-        info.data_ptr<int>(), res, batch));
+        info.data_ptr<int>(), nullptr, batch));
   } else {
     TSV_CUSOLVER_CHECK(cusolverDnDgesvdaStridedBatched(
         h, jobz, rank, r, c, a, r, sA, s, sS, u, r, sU, v, c, sV, work.data_ptr<T>(), lwork,
-        info.data_ptr<int>(), res, batch));
+        info.data_ptr<int>(), nullptr, batch));
   }
   return {Ub.mT(), S.narrow(1, 0, k), Vb.mT()};
 }
@@ -117,7 +115,7 @@ Factors svd_gesvdj_batched(cusolverDnHandle_t h, const ColMajorBatch& X, int64_t
     TSV_CUSOLVER_CHECK(cusolverDnDgesvdjBatched_bufferSize(h, jobz, r, c, a, r, s, u, r, v, c,
                                                            &lwork, params.p, batch));
   }
-  at::Tensor work = at::empty({std::max(lwork, 1)}, opts);
+  at::Tensor work = at::empty({checked_lwork(lwork, "gesvdjBatched")}, opts);
   if constexpr (std::is_same_v<T, float>) {
     TSV_CUSOLVER_CHECK(cusolverDnSgesvdjBatched(h, jobz, r, c, a, r, s, u, r, v, c,
                                                 work.data_ptr<T>(), lwork, info.data_ptr<int>(),
@@ -152,7 +150,7 @@ Factors svd_gesvdj_loop(cusolverDnHandle_t h, const ColMajorBatch& X, int64_t B,
     TSV_CUSOLVER_CHECK(cusolverDnDgesvdj_bufferSize(h, jobz, econ, r, c, a, r, s, u, r, v, c,
                                                     &lwork, params.p));
   }
-  at::Tensor work = at::empty({std::max(lwork, 1)}, opts);
+  at::Tensor work = at::empty({checked_lwork(lwork, "gesvdj")}, opts);
   int* inf = info.data_ptr<int>();
   for (int64_t b = 0; b < B; ++b) {
     T* ab = a + b * X.rows * X.cols;
@@ -272,15 +270,34 @@ Factors svd_gesvdr_loop(cusolverDnHandle_t h, const ColMajorBatch& X, int64_t B,
   return {Ub.mT(), S, Vb.mT()};
 }
 
+// gesvda and gesvdjBatched on at most `chunk` matrices per call (32-bit strides and batch sizes);
+// the factors of the chunks are concatenated along the batch.
+template <typename Solve>
+Factors in_chunks(const ColMajorBatch& X, int64_t B, int64_t chunk, const at::Tensor& info,
+                  Solve solve) {
+  if (chunk >= B) return solve(X, B, info);
+  std::vector<at::Tensor> us, ss, vs;
+  for (int64_t b0 = 0; b0 < B; b0 += chunk) {
+    const int64_t nb = std::min(chunk, B - b0);
+    ColMajorBatch part{X.mem.narrow(0, b0, nb), X.rows, X.cols, X.transposed};
+    Factors f = solve(part, nb, info.narrow(0, b0, nb));
+    us.push_back(f.Ux);
+    ss.push_back(f.S);
+    vs.push_back(f.Vx);
+  }
+  return {at::cat(us), at::cat(ss), at::cat(vs)};
+}
+
 }  // namespace
 
 // Returns [U (B, m, k), S (B, k), V (B, n, k), info (B,) int32 on the device,
-//          residual (B,) float64 on the host: gesvda's residual norms, gesvdp's h_err_sigma,
-//          empty for the other methods].
+//          err_sigma (B,) float64 on the host: gesvdp's error estimates, empty for the others].
 // U and V are usually non-contiguous (transposed) views; call .contiguous() if needed.
+// `max_batch_elements` caps the elements one strided-batched call addresses (default and
+// maximum INT32_MAX, the documented bound; smaller values only serve tests of the chunking).
 std::vector<at::Tensor> batched_svd(const at::Tensor& A, int64_t k, const std::string& method_in,
-                                    bool check, bool compute_residual, int64_t oversample,
-                                    int64_t niters) {
+                                    bool check, int64_t oversample, int64_t niters,
+                                    int64_t max_batch_elements) {
   constexpr const char* fn = "tsv_fast._C.batched_svd";
   check_batched_input(A, fn);
   const int64_t B = A.size(0), m = A.size(1), n = A.size(2), p = std::min(m, n);
@@ -293,62 +310,79 @@ std::vector<at::Tensor> batched_svd(const at::Tensor& A, int64_t k, const std::s
               fn, ": unknown method '", method_in,
               "'; expected one of 'auto', 'gesvda', 'gesvdj_batched', 'gesvdj', 'gesvd', 'gesvdp', "
               "'gesvdr'");
-  if (method == "gesvdr") {
-    if (oversample < 0) oversample = k;  // a block of 2k: p = 10 is far too small for TSV spectra
-    TORCH_CHECK(niters >= 0, fn, ": gesvdr needs niters >= 0, got ", niters);
-    oversample = std::min(oversample, p - k);  // the library needs k + oversample <= min(m, n)
-  }
   TORCH_CHECK(method != "gesvdj_batched" || (m <= 32 && n <= 32), fn,
               ": method 'gesvdj_batched' supports matrices up to 32 x 32, got ", m, " x ", n);
+  if (method == "gesvdr") {
+    // Xgesvdr needs k < min(m, n) and k + oversample < min(m, n).
+    TORCH_CHECK(k < p, fn, ": gesvdr needs k < min(m, n) = ", p, ", got k = ", k,
+                "; use another method for a full SVD");
+    if (oversample < 0) oversample = std::min(k, p - k - 1);  // a block of 2k where it fits
+    TORCH_CHECK(k + oversample < p, fn, ": gesvdr needs k + oversample < min(m, n) = ", p,
+                ", got k = ", k, ", oversample = ", oversample);
+    TORCH_CHECK(niters >= 0, fn, ": gesvdr needs niters >= 0, got ", niters);
+  }
+  TORCH_CHECK(max_batch_elements >= 1 && max_batch_elements <= kInt32Max, fn,
+              ": max_batch_elements must be in [1, ", kInt32Max, "], got ", max_batch_elements);
+  check_cuda_input(A, fn);
 
   c10::cuda::CUDAGuard guard(A.device());
   auto info = at::zeros({B}, A.options().dtype(at::kInt));
-  at::Tensor residual = at::empty({0}, at::TensorOptions().dtype(at::kDouble));
+  at::Tensor err_sigma = at::empty({0}, at::TensorOptions().dtype(at::kDouble));
   auto opts = A.options();
   if (B == 0) {
     return {at::empty({0, m, k}, opts), at::empty({0, k}, opts), at::empty({0, n, k}, opts), info,
-            residual};
+            err_sigma};
   }
 
-  // gesvda only reads A and wants it tall; gesvd, gesvdp and gesvdr want it tall and overwrite
-  // it; gesvdj takes any orientation and overwrites it.
-  const bool tall = method == "gesvda" || method == "gesvd" || method == "gesvdp" || method == "gesvdr";
-  const bool overwrites = method != "gesvda";
-  ColMajorBatch X = to_col_major(A, tall, overwrites);
+  // gesvda, gesvd, gesvdp and gesvdr want A tall; gesvdj takes any orientation. All overwrite it.
+  const bool tall = method != "gesvdj_batched" && method != "gesvdj";
+  ColMajorBatch X = to_col_major(A, tall, /*need_own_copy=*/true);
+  // gesvda's only documented failure is info = min(m, n) + 1; 0 < info <= min(m, n) is a
+  // partial result that the caller's factor check judges.
+  const int64_t fail_from = method == "gesvda" ? std::min(X.rows, X.cols) + 1 : 1;
 
   HandleLease handle;
   Factors f;
   AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "tsv_batched_svd", [&] {
+    cusolverDnHandle_t h = handle.get();
     if (method == "gesvda") {
-      f = svd_gesvda<scalar_t>(handle.get(), X, B, k, info, residual, compute_residual);
+      // Documented bound: batch * stride <= INT32_MAX for A, U, V (and S).
+      const int64_t per = std::max(X.rows * X.cols, std::max(X.rows, X.cols) * k);
+      f = in_chunks(X, B, batch_chunk(per, B, max_batch_elements, "gesvdaStridedBatched"),
+                              info, [&](const ColMajorBatch& x, int64_t nb, const at::Tensor& inf) {
+                                return svd_gesvda<scalar_t>(h, x, nb, k, inf);
+                              });
     } else if (method == "gesvdj_batched") {
-      f = svd_gesvdj_batched<scalar_t>(handle.get(), X, B, k, info);
+      const int64_t per = std::max(X.rows, X.cols) * std::max(X.rows, X.cols);
+      f = in_chunks(X, B, batch_chunk(per, B, max_batch_elements, "gesvdjBatched"), info,
+                              [&](const ColMajorBatch& x, int64_t nb, const at::Tensor& inf) {
+                                return svd_gesvdj_batched<scalar_t>(h, x, nb, k, inf);
+                              });
     } else if (method == "gesvdj") {
-      f = svd_gesvdj_loop<scalar_t>(handle.get(), X, B, k, info);
+      f = svd_gesvdj_loop<scalar_t>(h, X, B, k, info);
     } else if (method == "gesvdp") {
-      f = svd_gesvdp_loop<scalar_t>(handle.get(), X, B, k, info, residual);
+      f = svd_gesvdp_loop<scalar_t>(h, X, B, k, info, err_sigma);
     } else if (method == "gesvdr") {
-      f = svd_gesvdr_loop<scalar_t>(handle.get(), X, B, k, oversample, niters, info);
+      f = svd_gesvdr_loop<scalar_t>(h, X, B, k, oversample, niters, info);
     } else {
-      f = svd_gesvd_loop<scalar_t>(handle.get(), X, B, k, info);
+      f = svd_gesvd_loop<scalar_t>(h, X, B, k, info);
     }
   });
 
   if (check) {
-    check_infos(info, method.c_str());
-    if (residual.numel() > 0) {
-      const double* res = residual.data_ptr<double>();
+    check_infos(info, method.c_str(), fail_from);
+    if (err_sigma.numel() > 0) {
+      const double* err = err_sigma.data_ptr<double>();
       for (int64_t b = 0; b < B; ++b) {
-        TORCH_CHECK(std::isfinite(res[b]), fn, ": ", method, " returned a non-finite ",
-                    method == "gesvda" ? "residual norm" : "error estimate", " (", res[b],
-                    ") for matrix ", b, " of the batch; is the input finite?");
+        TORCH_CHECK(std::isfinite(err[b]), fn, ": ", method, " returned a non-finite error estimate (",
+                    err[b], ") for matrix ", b, " of the batch; is the input finite?");
       }
     }
   }
   // A = X^T when X.transposed, so the roles of the factors swap.
   at::Tensor U = X.transposed ? f.Vx : f.Ux;
   at::Tensor V = X.transposed ? f.Ux : f.Vx;
-  return {U, f.S, V, info, residual};
+  return {U, f.S, V, info, err_sigma};
 }
 
 }  // namespace tsv

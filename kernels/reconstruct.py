@@ -15,7 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import autotuned, check_device, generation, pipeline_stages, resolve_precision
+from ._common import (autotuned, check_device, check_no_overlap, fp64_operand, generation, pipeline_stages,
+                      resolve_precision)
 
 
 @triton.jit
@@ -55,7 +56,7 @@ def _reconstruct_kernel(a_ptr, b_ptr, base_ptr, alpha_ptr, out_ptr, rows, cols, 
         a = tl.load(a_ptr + row[:, None] * sa_r + k[None, :] * sa_k, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         b = tl.load(b_ptr + col[None, :] * sb_r + k[:, None] * sb_k, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
         if ACC_FP64:
-            acc = tl.dot(a.to(tl.float64), b.to(tl.float64), acc)
+            acc = tl.dot(a.to(tl.float64), b.to(tl.float64), acc, out_dtype=tl.float64)
         else:
             acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=PRECISION)
 
@@ -126,6 +127,9 @@ def reconstruct(base: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor, *, 
     precision = resolve_precision(a.dtype, input_precision)
     out_dtype = out_dtype or (base.dtype if base is not None else a.dtype)
     check_device(base, a, b, out)
+    check_no_overlap(out, base=base, a=a, b=b)
+    if precision == "fp64":
+        b = fp64_operand(b)
     if out is None:
         out = torch.empty(shape, dtype=out_dtype, device=a.device)
     elif tuple(out.shape) != shape or out.dtype != out_dtype:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import check_device, resolve_precision
+from ._common import check_device, check_no_overlap, fp64_operand, resolve_precision
 from .task_gram import gram_launch
 
 
@@ -38,6 +38,9 @@ def stack_gram(stack: torch.Tensor, *, out_dtype: torch.dtype | None = None, inp
         out_dtype = torch.float64 if stack.dtype == torch.float64 else torch.float32
     precision = resolve_precision(out_dtype, input_precision)
     check_device(stack, out)
+    check_no_overlap(out, stack=stack)
+    if precision == "fp64":
+        stack = fp64_operand(stack)
     side = stack.shape[-1]
     shape = (*stack.shape[:-2], side, side)
     if out is None:

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_device, generation, pipeline_stages, resolve_precision
+from ._common import check_device, check_no_overlap, generation, pipeline_stages, resolve_precision
 
 
 @triton.jit
@@ -60,7 +60,7 @@ def _sti_kernel(gu_ptr, s_ptr, gv_ptr, part_ptr, size,
         gu = tl.where(m_u & (offs_a[:, None] == c[None, :]), gu - 1.0, gu)
         gv = tl.where(m_v & (c[:, None] == offs_b[None, :]), gv - 1.0, gv)
         if ACC_FP64:
-            acc = tl.dot(gu * s[None, :], gv, acc)
+            acc = tl.dot(gu * s[None, :], gv, acc, out_dtype=tl.float64)
         else:
             acc = tl.dot(gu * s[None, :], gv, acc, input_precision="ieee")
     partial = tl.sum(tl.sum(tl.abs(acc), axis=1), axis=0)
@@ -106,6 +106,7 @@ def sti(gram_u: torch.Tensor, sigma: torch.Tensor, gram_v: torch.Tensor, *,
     dtype = gram_u.dtype
     precision = resolve_precision(torch.float64 if dtype == torch.float64 else torch.float32, None)
     check_device(gram_u, sigma, gram_v, out)
+    check_no_overlap(out, gram_u=gram_u, sigma=sigma, gram_v=gram_v)
     batch = gram_u.shape[:-2]
     if out is None:
         out = torch.empty(batch, dtype=dtype, device=gram_u.device)

@@ -19,7 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import autotuned, check_device, generation, pipeline_stages, resolve_precision
+from ._common import (autotuned, check_device, check_no_overlap, fp64_operand, generation, pipeline_stages,
+                      resolve_precision)
 
 
 @triton.jit
@@ -79,7 +80,7 @@ def _gram_kernel(x_ptr, base_ptr, out_ptr, rows, cols, tasks,
             a -= pa.to(a.dtype)
             b -= pb.to(b.dtype)
         if ACC_FP64:
-            acc = tl.dot(tl.trans(a), b, acc)
+            acc = tl.dot(tl.trans(a), b, acc, out_dtype=tl.float64)
         else:
             acc = tl.dot(tl.trans(a), b, acc, input_precision=PRECISION)
 
@@ -183,6 +184,9 @@ def task_gram(finetuned: torch.Tensor, pretrained: torch.Tensor | None = None, *
     """
     precision = resolve_precision(out_dtype, input_precision)
     check_device(finetuned, pretrained, out)
+    check_no_overlap(out, finetuned=finetuned, pretrained=pretrained)
+    if precision == "fp64":
+        finetuned, pretrained = fp64_operand(finetuned), fp64_operand(pretrained)
     ft4 = _as_4d(finetuned, "finetuned")
     m, n = ft4.shape[-2:]
     base4 = None

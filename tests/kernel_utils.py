@@ -32,7 +32,12 @@ FLOOR = {torch.float64: 1e-13, torch.float32: 2e-7, torch.bfloat16: 8e-3, torch.
 #: 3xTF32 is close to, not equal to, IEEE fp32: a looser bound on the GPU.
 TF32X3_FACTOR = 8.0
 
-gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device (and TRITON_INTERPRET unset)")
+
+
+def gpu(test):
+    """A native-GPU test: marked ``gpu`` (``pytest -m gpu`` selects it; bench/gpu_check.sh fails
+    the run if it skips there) and skipped without CUDA."""
+    return pytest.mark.gpu(pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device (and TRITON_INTERPRET unset)")(test))
 
 
 def triton_or_skip() -> None:
@@ -257,6 +262,8 @@ def compile_jobs(op: str, arch: int, modes, *, sizes=(256, 4096), first_only: bo
         flags = {"ACC_FP64": mode == "fp64"}
         if op in ("task_gram", "stack_gram"):
             x_dtype = "bf16" if op == "task_gram" else acc
+            if mode == "fp64" and x_dtype == "bf16" and load_kernel("_common").needs_fp64_upcast():
+                x_dtype = "fp32"  # what the launcher passes on Triton < 3.9 (host upcast)
             configs = load_kernel("task_gram")._gram_configs(gen, mode)
             jobs += config_jobs("task_gram", "_gram_kernel", {"x_ptr": x_dtype, "base_ptr": x_dtype, "out_ptr": acc},
                                 {**flags, "HAS_BASE": op == "task_gram", "PRECISION": mode},

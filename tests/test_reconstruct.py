@@ -86,6 +86,32 @@ def test_two_dim_and_precision_modes(precision):
         reconstruct(base.to(DEVICE), a.to(DEVICE), b.to(DEVICE), input_precision="tf32")
 
 
+def test_out_overlapping_an_input_is_refused():
+    """In place (out = base) would add α·ABᵀ once per autotune config tried: refused for every input."""
+    base, a, b = make(37, 23, 11, base_dtype=torch.float32, seed=4)
+    base, a, b = base.to(DEVICE), a.to(DEVICE), b.to(DEVICE)
+    before = snapshot(base)
+    for name, out in [("base", base), ("base", base[:, 1:, :]), ("a", a[..., :1].expand(2, 37, 23))]:
+        with pytest.raises(ValueError, match=f"out overlaps {name} in memory"):
+            reconstruct(base, a, b, out=out)
+    assert_unmodified(before, [base])
+
+
+def test_disjoint_halves_of_one_buffer_are_fine():
+    """out and base may share a storage when their byte ranges are disjoint (interleaved views are
+    refused: the check compares address ranges)."""
+    base, a, b = make(37, 23, 11, base_dtype=torch.float32, seed=5)
+    buf = torch.full((4, 37, 23), float("nan"), device=DEVICE)
+    buf[2:] = base.to(DEVICE)
+    got = reconstruct(buf[2:], a.to(DEVICE), b.to(DEVICE), out=buf[:2])
+    want = exact(base, a, b, 1.0)
+    torch_err = rel_fro(reconstruct_ref(base, a, b, out_dtype=torch.float32), want)
+    assert_close("reconstruct into the half beside base", got, want, bound_for(torch_err, torch.float32),
+                 torch_error=torch_err)
+    with pytest.raises(ValueError, match="out overlaps base"):  # one matrix of overlap
+        reconstruct(buf[2:], a.to(DEVICE), b.to(DEVICE), out=buf[1:3])
+
+
 # ------------------------------------------------------------------------------------------------
 # The whole merge through the Triton backend
 # ------------------------------------------------------------------------------------------------
@@ -184,6 +210,29 @@ def test_gpu_real_layer_shapes(m, n, out_dtype):
         got = reconstruct(base, a, b, out_dtype=out_dtype, input_precision=precision)
         assert_close(f"reconstruct gpu {precision} {m}x{n}", got, want, bound_for(torch_err, out_dtype, factor),
                      torch_error=torch_err)
+
+
+@gpu
+@pytest.mark.parametrize("shape,dtype", [((1536, 384), torch.float32), ((384, 1536), torch.bfloat16)])
+def test_gpu_merge_through_triton_backend_at_layer_scale(shape, dtype):
+    """The whole merge on CUDA with backend="triton", T = 8: the accuracy contract against the
+    float64 reference (bf16 checkpoints: one bf16 ulp of the merged weights)."""
+    pre, fts = checkpoints(shape, 8, shared=0.5, kind="decay", dtype=dtype, seed=6)
+    pre64 = {k: v.double() for k, v in pre.items()}
+    fts64 = [{k: v.double() for k, v in ft.items()} for ft in fts]
+    want = reference.tsv_merge(pre64, fts64, compute_dtype=torch.float64)
+    cuda = lambda sd: {k: v.cuda() for k, v in sd.items()}  # noqa: E731
+    got, report = tsv_fast.tsv_merge(cuda(pre), [cuda(ft) for ft in fts], backend="triton", return_report=True)
+    assert report.backend == "triton" and got["blocks.0.w"].dtype == dtype
+    key = "blocks.0.w"
+    if dtype == torch.bfloat16:
+        assert_close("gpu merge bf16", got[key].cpu(), want[key].to(dtype), FLOOR[torch.bfloat16])
+        return
+    authors = reference.authors_fast_tsv_merge([{k: ft[k] - pre[k] for k in pre} for ft in fts])
+    m_want = want[key] - pre64[key]
+    authors_err = rel_fro(authors[key], m_want)
+    assert_close(f"gpu merge M {shape}", got[key].double().cpu() - pre64[key], m_want, max(1e-5, 3 * authors_err),
+                 torch_error=authors_err)
 
 
 @sweep

@@ -109,6 +109,41 @@ def test_rejects_plain_tf32_and_bad_shapes():
         task_gram(ft, out=torch.empty(2, 4, 4, dtype=torch.float64, device=DEVICE))
 
 
+def test_old_triton_takes_16bit_inputs_through_a_float32_copy(monkeypatch):
+    """Triton < 3.9 cannot compile an fp64 dot of 16-bit loads: the launcher upcasts to float32
+    first (exact), so the result is the same float64 Gram."""
+    common = load_kernel("_common")
+    monkeypatch.setattr(common, "TRITON_VERSION", (3, 6))
+    pre, ft = make_inputs((37, 23), 2, torch.bfloat16, seed=8)
+    pre, ft = pre.to(DEVICE), ft.to(DEVICE)
+    assert common.fp64_operand(ft).dtype == torch.float32 and common.fp64_operand(pre.double()).dtype == torch.float64
+    before = snapshot(ft, pre)
+    assert_close("task_gram fp64 via fp32 copy", task_gram(ft, pre), expected(ft, pre), FLOOR[torch.float64])
+    assert_unmodified(before, [ft, pre])
+    monkeypatch.setattr(common, "TRITON_VERSION", (3, 9))
+    assert common.fp64_operand(ft) is ft
+
+
+def test_autotune_switch_keeps_only_the_first_config(monkeypatch):
+    """TSV_FAST_TRITON_AUTOTUNE=0 (cold-cache GPU checks): one config per list, nothing to tune."""
+    common = load_kernel("_common")
+    module = load_kernel("task_gram")
+    key = ("rows", "cols")
+    monkeypatch.delenv("TSV_FAST_TRITON_AUTOTUNE", raising=False)
+    full = common.autotuned(module._gram_kernel, module._gram_configs, key, 9, "fp64")
+    monkeypatch.setenv("TSV_FAST_TRITON_AUTOTUNE", "0")
+    first = common.autotuned(module._gram_kernel, module._gram_configs, key, 9, "fp64")
+    assert len(full.configs) == len(module._gram_configs(9, "fp64")) > 1
+    assert [c.kwargs for c in first.configs] == [module._gram_configs(9, "fp64")[0].kwargs]
+
+
+def test_out_overlapping_the_inputs_is_refused():
+    pre, ft = make_inputs((23, 23), 2, torch.float64, seed=9)
+    ft = ft.to(DEVICE)
+    with pytest.raises(ValueError, match="out overlaps finetuned in memory"):
+        task_gram(ft, out=ft)
+
+
 @gpu
 @pytest.mark.parametrize("shape", [(3072, 768), (768, 3072), (4096, 1024)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

@@ -6,8 +6,8 @@ Replaced ops:
   call: syevjBatched for n <= 32, cusolverDnXsyevBatched where the build has it (CUDA >= 12.6u2),
   else a loop of Xsyevd on one stream. Eigenvalues ascending, like torch.linalg.eigh.
 * ``task_factors`` when ``factor_route="svd"``: top-k of every Δ straight from
-  gesvdaStridedBatched (float64), whose residual norms are checked. The default route stays the
-  float64 Gram + eigh of DESIGN.md §2, whose accuracy the tests pin down.
+  gesvdaStridedBatched (float64), whose factors are checked (``check_topk_factors``). The default
+  route stays the float64 Gram + eigh of DESIGN.md §2, whose accuracy the tests pin down.
 
 The module imports without the extension; ``tsv_fast._C`` is imported on first use only, and
 ``unavailable_reasons`` says why it is missing (from tsv_fast/_build_info.json, written by
@@ -28,6 +28,7 @@ from .torch_backend import F64, TorchBackend
 SVD_METHODS = ("auto", "gesvda", "gesvdj_batched", "gesvdj", "gesvd", "gesvdp", "gesvdr")
 EIGH_METHODS = ("auto", "syevj_batched", "syev_batched", "syevd")
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
+INT32_MAX = 2**31 - 1
 
 _BUILD_INFO = Path(__file__).resolve().parents[1] / "_build_info.json"
 _extension = None  # the imported module, once loaded
@@ -99,26 +100,47 @@ def _as_batch(A: Tensor) -> Tensor:
             return A.reshape(-1, m, n)
 
 
-def batched_topk_svd(A: Tensor, k: int, method: str = "auto", *, check: bool = True,
-                     residual_rtol: float | None = None, oversample: int | None = None,
-                     niters: int = 10) -> tuple[Tensor, Tensor, Tensor]:
+def check_finite(A: Tensor, fn: str) -> None:
+    """Raise, naming the first matrix of A [B, m, n] that holds NaN or Inf (one reduction, one
+    sync): what a solver makes of such input varies by routine, from NaN factors to info > 0."""
+    bad = ~torch.isfinite(A).flatten(1).all(dim=1)
+    if bool(bad.any()):
+        raise ValueError(f"{fn}: matrix {int(bad.nonzero()[0])} of the batch contains NaN or Inf "
+                         f"({int(bad.sum())} of {bad.numel()} matrices)")
+
+
+def _limit(max_batch_elements: int | None) -> int:
+    return INT32_MAX if max_batch_elements is None else int(max_batch_elements)
+
+
+def batched_topk_svd(A: Tensor, k: int, method: str = "auto", *, check: bool = True, return_info: bool = False,
+                     rtol: float | None = None, oversample: int | None = None, niters: int = 10,
+                     max_batch_elements: int | None = None):
     """Top-k singular triplets of every matrix of A [..., m, n] (float32/float64, CUDA).
 
-    Returns U [..., m, k], S [..., k] (descending), V [..., n, k] with A ≈ U diag(S) Vᵀ; U and V
-    may be transposed (non-contiguous) views. ``method``: "auto" (gesvdjBatched up to 32 x 32,
-    else gesvdaStridedBatched), "gesvda", "gesvdj_batched", "gesvdj" (loop), "gesvd" (loop of
-    Xgesvd), "gesvdp" (loop of Xgesvdp: polar decomposition + Xsyevd, its error estimates are
-    checked to be finite) or "gesvdr" (loop of the randomized Xgesvdr with a block of k +
-    ``oversample`` columns, default 2k, and ``niters`` power iterations). With ``check`` a nonzero per-matrix ``info`` raises, naming the matrix, and gesvda's
-    residual norms are checked: ‖residual‖ <= tail + rtol·‖A‖_F, tail = sqrt(‖A‖² − ‖S‖²) being
-    the least residual any rank-k factorisation has (so the check holds whether cuSOLVER reports
-    ‖A − U S Vᵀ‖_F or ‖Uᵀ A V − S‖_F).
+    Returns U [..., m, k], S [..., k] (descending), V [..., n, k] with A ≈ U diag(S) Vᵀ (U and V
+    may be transposed, non-contiguous views), plus the per-matrix cuSOLVER ``info`` [...] (int32,
+    on the device) when ``return_info``. ``method``: "auto" (gesvdjBatched up to 32 x 32, else
+    gesvdaStridedBatched), "gesvda", "gesvdj_batched", "gesvdj" (loop), "gesvd" (loop of Xgesvd),
+    "gesvdp" (loop of Xgesvdp: polar decomposition + Xsyevd, error estimates checked finite) or
+    "gesvdr" (loop of the randomized Xgesvdr, k < min(m, n), a block of k + ``oversample``
+    columns, default min(k, min(m, n) - k - 1), and ``niters`` power iterations).
+
+    With ``check`` (default) non-finite input and a failed ``info`` raise, naming the matrix, and
+    the factors of the approximate routines (gesvda, gesvdr) are verified by ``check_topk_factors``
+    with ``rtol``.
+    ``check=False`` skips both and needs ``return_info=True``: the caller then owns ``info``
+    (gesvda: min(m, n) + 1 = not converged, 0 < info <= min(m, n) = partial result).
+    ``max_batch_elements`` (tests only) lowers the 32-bit bound at which batches are split.
 
     Example::
 
         U, S, V = batched_topk_svd(torch.randn(8, 768, 3072, device="cuda", dtype=torch.float64), 96)
     """
     fn = "batched_topk_svd"
+    if not check and not return_info:
+        raise ValueError(f"{fn}: check=False would drop the per-matrix info; pass return_info=True and "
+                         "inspect it")
     _check_input(A, fn)
     if method not in SVD_METHODS:
         raise ValueError(f"{fn}: unknown method {method!r}; choose one of {SVD_METHODS}")
@@ -127,47 +149,78 @@ def batched_topk_svd(A: Tensor, k: int, method: str = "auto", *, check: bool = T
         raise ValueError(f"{fn}: k must satisfy 1 <= k <= min(m, n) = {min(m, n)}, got {k}")
     lead = A.shape[:-2]
     batch = _as_batch(A)
-    U, S, V, _info, residual = _ext().batched_svd(batch, int(k), method, check, check,
-                                                  -1 if oversample is None else int(oversample),
-                                                  int(niters))
+    if check:
+        check_finite(batch, fn)
+    U, S, V, info, _err = _ext().batched_svd(batch, int(k), method, check,
+                                             -1 if oversample is None else int(oversample), int(niters),
+                                             _limit(max_batch_elements))
     resolved = method if method != "auto" else ("gesvdj_batched" if m <= 32 and n <= 32 else "gesvda")
-    if check and resolved == "gesvda" and residual.numel():
-        _check_residuals(batch, S, residual, residual_rtol)
-    return U.reshape(*lead, m, k), S.reshape(*lead, k), V.reshape(*lead, n, k)
+    if check and resolved in ("gesvda", "gesvdr"):
+        check_topk_factors(batch, U, S, V, rtol, routine=resolved)
+    out = (U.reshape(*lead, m, k), S.reshape(*lead, k), V.reshape(*lead, n, k))
+    return (*out, info.reshape(lead)) if return_info else out
 
 
-def _check_residuals(A: Tensor, S: Tensor, residual: Tensor, rtol: float | None) -> None:
-    if rtol is None:  # the tail is a difference of squares: only sqrt(eps)-accurate
-        rtol = 1e-2 if A.dtype == torch.float32 else 1e-5
-    norm_a = torch.linalg.matrix_norm(A.to(F64)).cpu()
-    tail = (norm_a.square() - S.to(F64).square().sum(-1).cpu()).clamp_min(0).sqrt()
-    bad = residual > tail + rtol * norm_a
+def check_topk_factors(A: Tensor, U: Tensor, S: Tensor, V: Tensor, rtol: float | None = None, *,
+                       routine: str = "svd") -> None:
+    """Raise unless (U, S, V) are singular triplets of every A [B, m, n] to within ``rtol``.
+
+    Checked per matrix, all relative to ‖A‖_F (σ₁ for the weights): S finite, non-negative and
+    descending; ‖A V − U diag(S)‖_F and ‖(Aᵀ U − V diag(S)) diag(S/σ₁)‖_F ≤ rtol; VᵀV = I and
+    (UᵀU − I) ∘ (S Sᵀ/σ₁²) = 0 to rtol (max entry). The weights spare the left vectors of
+    (numerically) zero singular values, which no routine defines. One host sync. Default rtol:
+    1e-3 for float32, 1e-6 for float64 (gesvda is documented as approximate).
+    """
+    if rtol is None:
+        rtol = 1e-3 if A.dtype == torch.float32 else 1e-6
+    A, U, S, V = A.to(F64), U.to(F64), S.to(F64), V.to(F64)
+    norm_a = torch.linalg.matrix_norm(A).clamp_min(torch.finfo(F64).tiny)
+    top = S[..., :1].clamp_min(torch.finfo(F64).tiny)
+    weight = S / top
+    eye = torch.eye(S.shape[-1], dtype=F64, device=S.device)
+    right = torch.linalg.matrix_norm(A @ V - U * S.unsqueeze(-2)) / norm_a
+    left = torch.linalg.matrix_norm((A.mT @ U - V * S.unsqueeze(-2)) * weight.unsqueeze(-2)) / norm_a
+    orth_v = (V.mT @ V - eye).abs().amax(dim=(-2, -1))
+    orth_u = ((U.mT @ U - eye) * (weight.unsqueeze(-1) * weight.unsqueeze(-2))).abs().amax(dim=(-2, -1))
+    order = (S[..., 1:] > S[..., :-1] * (1 + rtol) + rtol * top).any(dim=-1) | (S < 0).any(dim=-1)
+    worst = torch.stack([right, left, orth_v, orth_u]).amax(dim=0)
+    bad = ~(worst <= rtol) | order | ~torch.isfinite(S).all(dim=-1)  # NaN compares False: bad
     if bool(bad.any()):
         i = int(bad.nonzero()[0])
         raise RuntimeError(
-            f"batched_topk_svd: gesvda's residual norm {residual[i].item():.3e} for matrix {i} of the "
-            f"batch exceeds tail {tail[i].item():.3e} + {rtol:g}·‖A‖_F ({norm_a[i].item():.3e}); "
-            f"{int(bad.sum())} of {bad.numel()} matrices failed. gesvda is inaccurate for "
-            "ill-conditioned or nearly singular inputs: use method='gesvdj' or 'gesvd'")
+            f"batched_topk_svd: {routine} returned inaccurate factors for matrix {i} of the batch "
+            f"(relative residuals ‖AV−US‖ {right[i].item():.2e}, ‖AᵀU−VS‖ {left[i].item():.2e}, "
+            f"orthonormality of V {orth_v[i].item():.2e}, of U {orth_u[i].item():.2e}, bound {rtol:g}; "
+            f"S ordered and non-negative: {not bool(order[i])}); {int(bad.sum())} of {bad.numel()} matrices "
+            "failed. Non-finite or nearly singular inputs are the usual cause: use method='gesvdj' or 'gesvd'")
 
 
-def batched_eigh(A: Tensor, method: str = "auto", *, lower: bool = True,
-                 check: bool = True) -> tuple[Tensor, Tensor]:
+def batched_eigh(A: Tensor, method: str = "auto", *, lower: bool = True, check: bool = True,
+                 return_info: bool = False, max_batch_elements: int | None = None):
     """Eigenvalues (ascending) and eigenvectors of every symmetric matrix of A [..., n, n].
 
     Semantics of torch.linalg.eigh (only the lower triangle is read, ``lower=False`` reads the
     upper one). ``method``: "auto", "syevj_batched" (n <= 32), "syev_batched"
-    (cusolverDnXsyevBatched, CUDA >= 12.6u2) or "syevd" (loop). Returns (evals [..., n],
-    evecs [..., n, n]); evecs is a transposed (non-contiguous) view.
+    (cusolverDnXsyevBatched with its consistent algorithm ALG_1, CUDA >= 12.6u2) or "syevd" (loop).
+    Returns (evals [..., n], evecs [..., n, n]) and, with ``return_info``, the per-matrix info [...];
+    evecs is a transposed (non-contiguous) view. ``check=False`` (no info check, no sync) needs
+    ``return_info=True``.
     """
     fn = "batched_eigh"
+    if not check and not return_info:
+        raise ValueError(f"{fn}: check=False would drop the per-matrix info; pass return_info=True and "
+                         "inspect it")
     _check_input(A, fn, square=True)
     if method not in EIGH_METHODS:
         raise ValueError(f"{fn}: unknown method {method!r}; choose one of {EIGH_METHODS}")
     n = A.shape[-1]
     lead = A.shape[:-2]
-    evals, evecs, _info = _ext().batched_eigh(_as_batch(A), method, lower, check)
-    return evals.reshape(*lead, n), evecs.reshape(*lead, n, n)
+    batch = _as_batch(A)
+    if check:
+        check_finite(batch.tril() if lower else batch.triu(), fn)  # only that triangle is read
+    evals, evecs, info = _ext().batched_eigh(batch, method, lower, check, _limit(max_batch_elements))
+    out = (evals.reshape(*lead, n), evecs.reshape(*lead, n, n))
+    return (*out, info.reshape(lead)) if return_info else out
 
 
 class CusolverBackend(TorchBackend):
@@ -216,7 +269,9 @@ class CusolverBackend(TorchBackend):
         if pretrained is not None:
             delta = delta - pretrained.to(F64).unsqueeze(1)
         u, sigma, v = batched_topk_svd(delta, k, "gesvda")
-        # Same contract as the torch route: numerically zero triplets become zero columns.
+        # Same contract as the torch route: numerically zero triplets become zero columns (where,
+        # not a product: the vectors of a zero singular value are not defined).
         keep = sigma > ZERO_RTOL * sigma.amax(dim=-1, keepdim=True)
-        sigma = sigma * keep
-        return u * keep.unsqueeze(-2), sigma, v * keep.unsqueeze(-2)
+        zero = torch.zeros((), dtype=sigma.dtype, device=sigma.device)
+        return (torch.where(keep.unsqueeze(-2), u, zero), torch.where(keep, sigma, zero),
+                torch.where(keep.unsqueeze(-2), v, zero))

@@ -20,13 +20,27 @@ On CPU the backend serves only under ``TRITON_INTERPRET=1`` (for tests; very slo
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import importlib.util
 import os
+import re
 
 import torch
 from torch import Tensor
 
 from .torch_backend import F64, TorchBackend, factors_from_projection
+
+
+#: The oldest Triton the kernels are tested with (CI runs it beside the newest; pyproject.toml).
+OLDEST_TRITON = (3, 6)
+
+
+def triton_version() -> tuple[int, ...] | None:
+    """The installed triton's (major, minor), read from its metadata (triton is not imported)."""
+    try:
+        return tuple(int(x) for x in re.findall(r"\d+", importlib.metadata.version("triton"))[:2])
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def kernels_package():
@@ -51,6 +65,9 @@ class TritonBackend(TorchBackend):
         reasons = []
         if importlib.util.find_spec("triton") is None:
             reasons.append("triton: the triton package is not installed (pip install triton)")
+        elif (version := triton_version()) is not None and version < OLDEST_TRITON:
+            reasons.append(f"triton: version {'.'.join(map(str, version))} is older than "
+                           f"{'.'.join(map(str, OLDEST_TRITON))}, the oldest supported")
         device = torch.device(device)
         interpret = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0", "false", "False")
         if device.type == "cpu":
