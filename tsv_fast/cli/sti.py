@@ -12,12 +12,12 @@ from typing import Optional
 import typer
 
 from .app import app
-from .common import CliError, guard_outputs, open_all, run_command, summary
+from .common import CliError, guard_outputs, open_tasks, run_command, summary
 
 
 @app.command()
 def interference(
-    models: list[Path] = typer.Argument(..., help="Fine-tuned checkpoints."),
+    models: list[Path] = typer.Argument(..., help="Fine-tuned checkpoints, or PEFT LoRA adapter folders of the base."),
     base: Path = typer.Option(..., "--base", "-b", help="The pretrained checkpoint."),
     output: Path = typer.Option(Path("sti.json"), "--output", "-o", help="Per-layer STI as .json or .csv."),
     plot: Optional[Path] = typer.Option(None, help="PNG of STI across layers (paper Fig. 6)."),
@@ -38,7 +38,7 @@ def interference(
         started = time.perf_counter()
         inputs = [base, *models]
         guard_outputs(inputs, output, plot, heatmap)  # before any work, not after it
-        pre, fts = open_all(base, list(models), allow_pickle)
+        pre, fts = open_tasks(base, list(models), allow_pickle)
         excl = tuple(exclude) if exclude else ("text_projection",)
         per_layer = sti_of(pre, fts, rank_fraction=rank_fraction, exclude=excl, orthogonalized=orthogonalized,
                            device=device, progress=True, exact=exact)
@@ -105,8 +105,19 @@ def block_similarity(pre, fts, key: str, rank_fraction, device) -> dict:
     if k == 0:
         raise CliError(f"layer {key!r}: rank per task is 0 for {len(fts)} tasks")
     dev = torch.device(device or "cpu")
-    ft = torch.stack([c.load(key).to(dev) for c in fts]).unsqueeze(0)
-    u = resolve_backend(None, dev).task_factors(ft, pre.load(key).to(dev).unsqueeze(0), k)[0][0]  # [T, m, k]
+    backend = resolve_backend(None, dev)
+    if hasattr(fts[0], "factor"):  # LoRA adapters: each Uₜ from its factors, zero columns where it has fewer
+        base = pre.load(key).to(dev)
+        us = []
+        for task in fts:
+            factor, delta = task.factor(key), task.delta(key, base, torch.float64)
+            u = (factor.svd(k, dev)[0] if factor is not None else torch.zeros(shape[0], 0, dtype=torch.float64)
+                 if delta is None else backend.task_factors(delta[None, None], None, k)[0][0, 0])
+            us.append(torch.nn.functional.pad(u, (0, k - u.shape[1])))
+        u = torch.stack(us)
+    else:
+        ft = torch.stack([c.load(key).to(dev) for c in fts]).unsqueeze(0)
+        u = backend.task_factors(ft, pre.load(key).to(dev).unsqueeze(0), k)[0][0]  # [T, m, k]
     stacked = u.permute(1, 0, 2).reshape(u.shape[1], -1)
     gram = (stacked.mT @ stacked).abs().cpu()
     blocks = torch.linalg.matrix_norm(u.mT.unsqueeze(1) @ u.unsqueeze(0)) / math.sqrt(k)

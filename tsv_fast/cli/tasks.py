@@ -9,40 +9,63 @@ from typing import Optional
 import typer
 
 from .app import app
-from .common import guard_outputs, human_bytes, open_all, parse_dtype_option, run_command, summary
+from .common import CliError, guard_outputs, human_bytes, open_tasks, parse_dtype_option, run_command, summary
 
 
 @app.command()
 def compress(
-    models: list[Path] = typer.Argument(..., help="Fine-tuned checkpoints."),
+    models: list[Path] = typer.Argument(..., help="Fine-tuned checkpoints or PEFT LoRA adapter folders of the base (with --append: the tasks to add)."),
     base: Path = typer.Option(..., "--base", "-b", help="The pretrained checkpoint."),
-    output: Path = typer.Option(..., "--output", "-o", help="The TSV-C file to write (e.g. tasks.tsvc.safetensors)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="The TSV-C file to write (e.g. tasks.tsvc). With --append: default the library itself."),
+    append: Optional[Path] = typer.Option(None, "--append", help="Add the models as new tasks to this TSV-C library, at its ranks; the stored tasks are copied, not recomputed."),
     rank_fraction: Optional[float] = typer.Option(None, help="Per-task rank k = int(min(m,n) * fraction). Default: 1/T."),
     exclude: Optional[list[str]] = typer.Option(None, help="2-D keys containing this text are stored dense. Default: text_projection."),
-    storage_dtype: str = typer.Option("float32", help="dtype of the stored factors (float32, bfloat16, float16)."),
+    storage_dtype: Optional[str] = typer.Option(None, help="dtype of the stored factors (float32, bfloat16, float16). Default: float32."),
     device: Optional[str] = typer.Option(None, help="Where to compute. Default: cpu."),
     backend: Optional[str] = typer.Option(None, help="auto | torch | triton | cusolver."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickled torch files (trusted files only)."),
     exact: bool = typer.Option(False, "--exact", help="Factors from full SVDs (the authors' route) instead of the float64 Gram route."),
 ):
-    """TSV-C: keep each task's top-k singular vectors per layer in one file (about 1/T of the task vectors)."""
+    """TSV-C: keep each task's top-k singular vectors per layer in one file (about 1/T of the task vectors).
+
+    Example:  tsv-fast compress -b pre.safetensors ft*.safetensors -o tasks.tsvc
+
+    Add a task:  tsv-fast compress --append tasks.tsvc -b pre.safetensors ft_new.safetensors
+    """
     def body():
+        from ..api import append_tasks
         from ..api import compress as tsv_compress
         from ..io.tsvc import save_compressed
 
         started = time.perf_counter()
-        guard_outputs([base, *models], output)  # before any work
-        pre, fts = open_all(base, list(models), allow_pickle)
-        packed = tsv_compress(pre, fts, rank_fraction=rank_fraction,
-                              exclude=tuple(exclude) if exclude else ("text_projection",),
-                              backend=backend, device=device, storage_dtype=parse_dtype_option(storage_dtype),
-                              progress=True, exact=exact)
-        packed.metadata.update({"base_model": base.name, "models": json.dumps([m.name for m in models])})
-        storage = save_compressed(output, packed, inputs=[base, *models])
-        typer.echo(f"stored {storage['stored_numbers']:,} numbers for {len(fts)} tasks instead of "
+        target = output or append
+        if target is None:
+            raise CliError("no output: pass --output PATH (or --append LIBRARY)")
+        if append is not None:
+            fixed = [name for name, value in (("--rank-fraction", rank_fraction), ("--exclude", exclude),
+                                              ("--storage-dtype", storage_dtype), ("--exact", exact or None))
+                     if value is not None]
+            if fixed:
+                raise CliError(f"--append follows the library's ranks, exclude patterns and storage dtype; "
+                               f"remove {', '.join(fixed)}")
+        guard_outputs([base, *models], target)  # before any work
+        pre, tasks = open_tasks(base, list(models), allow_pickle)
+        if append is not None:
+            storage = append_tasks(append, pre, tasks, output=target, names=[m.name for m in models],
+                                   backend=backend, device=device, progress=True)
+        else:
+            packed = tsv_compress(pre, tasks, rank_fraction=rank_fraction,
+                                  exclude=tuple(exclude) if exclude else ("text_projection",),
+                                  backend=backend, device=device,
+                                  storage_dtype=parse_dtype_option(storage_dtype or "float32"),
+                                  progress=True, exact=exact)
+            packed.metadata.update({"base_model": base.name, "models": json.dumps([m.name for m in models])})
+            storage = save_compressed(target, packed, inputs=[base, *models])
+        typer.echo(f"stored {storage['stored_numbers']:,} numbers for {len(tasks)} "
+                   f"{'new ' if append is not None else ''}tasks instead of "
                    f"{storage['dense_numbers']:,} ({storage['ratio']:.1%}); file {human_bytes(storage['file_bytes'])} "
                    f"vs {human_bytes(storage['dense_bytes'])} of dense task vectors")
-        summary(started, output)
+        summary(started, target)
 
     run_command(body)
 

@@ -105,6 +105,17 @@ class Chunk:
         """Σₜ Δₜ [L, m, n], float64."""
         raise NotImplementedError
 
+    def sum_factors(self, k: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Top-k triplets of Σₜ Δₜ: U [L, m, k'], σ [L, k'], V [L, n, k'] (k' <= k), float64; numerically
+        zero ones are zero columns or left out. Factored sources never form the m×n sum."""
+        return tuple(t[:, 0] for t in self.backend.task_factors(self.task_sum().unsqueeze(1), None, k))
+
+    @property
+    def factored_only(self) -> bool:
+        """True when every task's Δ of these keys is given by low-rank factors (a method may then hand
+        the sink a ``LowRank`` update instead of dense weights)."""
+        return False
+
 
 class TaskSource:
     """T task vectors of one layout; see the module docstring."""
@@ -112,6 +123,7 @@ class TaskSource:
     num_tasks: int
     reference: Checkpoint   # the layout: the base, or task 0 when the inputs are task vectors
     has_base: bool
+    factored: bool = False  # tasks given by low-rank factors (LoRA adapters, TSV-C libraries)
 
     def check(self) -> None:
         """Raise ValueError naming the input when the tasks do not fit the layout."""
@@ -131,6 +143,10 @@ class TaskSource:
     def chunks(self, groups, backend, options, device) -> Iterator[tuple[Chunk, list[str]]]:
         """(chunk, keys of that chunk whose task vectors are all zero) for every group."""
         raise NotImplementedError
+
+    def metadata(self) -> dict[str, str]:
+        """What the output's metadata should say about these inputs (asked after the run)."""
+        return {}
 
 
 # ------------------------------------------------------------------------------------------------
