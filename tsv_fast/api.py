@@ -214,7 +214,8 @@ def merge_compressed(pretrained, library, *, tasks: Sequence[int] | None = None,
                      **keywords):
     """Merged weights W_pre + α·M of stored tasks of a TSV-C library, no fine-tune needed.
 
-    ``library``: a TSV-C file (``tsv-fast compress``, ``io.save_compressed``) or a CompressedTasks;
+    ``library``: a TSV-C file (``tsv-fast compress``, ``io.save_compressed``), a CompressedTasks or an
+    io.TsvcLibrary (its ``bytes_read`` counts what the merge read);
     ``tasks``: which stored tasks (default: all). Each task gives k = min(stored k, the method's rank
     rule for len(tasks) tasks) triplets per matrix, read one key at a time (the output metadata says
     which k each matrix got); where the stored k suffices the result equals ``merge`` on the full
@@ -229,7 +230,8 @@ def merge_compressed(pretrained, library, *, tasks: Sequence[int] | None = None,
     method, options = _split(method, options, keywords)
     if method.writes != "weights":
         raise ValueError(f"method {method.name!r} does not write weights")
-    source = LibraryTasks(as_checkpoint(pretrained, "the pretrained checkpoint"), TsvcLibrary(library), tasks)
+    library = library if isinstance(library, TsvcLibrary) else TsvcLibrary(library)
+    source = LibraryTasks(as_checkpoint(pretrained, "the pretrained checkpoint"), library, tasks)
     result, report = run(source, method, options, sink, compute_sti=True)
     return (result, report) if return_report else result
 

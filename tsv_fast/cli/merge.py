@@ -144,11 +144,15 @@ def run_merge_command(job: MergeJob, *, report_path: Optional[Path] = None, prog
         raise CliError("--exact is for full checkpoints: the SVD of a LoRA update is already exact (from its factors)")
     if max_rank is not None and not as_adapter:
         raise CliError("--max-rank truncates a merged adapter: add --as-adapter")
+    if max_rank is not None and max_rank < 1:
+        raise CliError(f"--max-rank must be at least 1, got {max_rank}")
     if as_adapter and not lora:
         raise CliError("--as-adapter writes a merged LoRA adapter; it needs PEFT LoRA adapter folders as inputs")
     if as_adapter and job.output.endswith(".safetensors"):
         raise CliError(f"--as-adapter writes a folder (adapter_config.json + adapter_model.safetensors); "
                        f"-o {job.output} is a file name")
+    if not library and any(is_library(m) for m in job.models):
+        raise CliError("a TSV-C library is merged on its own: pass one .tsvc file (and --tasks to pick its tasks)")
     if tasks is not None and not library:
         raise CliError("--tasks picks stored tasks of a TSV-C library (one .tsvc input)")
     if (lora or library) and job.weights is not None:

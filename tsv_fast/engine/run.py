@@ -54,12 +54,23 @@ def backend_for(options: Options, device: torch.device) -> Backend:
 def run(source, method, options: Options, sink: Sink | None = None, *, compute_sti: bool = False,
         metadata: dict[str, str] | None = None, low_rank: bool = False) -> tuple[object, Report]:
     """Run ``method`` over ``source``; the sink receives one output per key. Returns what the sink's
-    ``close`` returns (a dict for DictSink, a path for file sinks) and the Report.
+    ``close`` returns (a dict for DictSink, a path for file sinks) and the Report. The run owns the
+    sink: whatever fails or interrupts it, from the first check on, aborts the sink.
 
     ``low_rank`` (factored sources and weight methods only): the sink receives updates instead of
     weights: an ``io.checkpoint.LowRank`` α·M = left rightᵀ for each matrix whose tasks are all
     factored, the merged weight for every other key the tasks change, nothing for keys they leave.
     """
+    sink = sink or DictSink()
+    try:
+        return _run(source, method, options, sink, compute_sti, metadata, low_rank)
+    except BaseException:
+        sink.abort()
+        raise
+
+
+def _run(source, method, options: Options, sink: Sink, compute_sti: bool, metadata: dict[str, str] | None,
+         low_rank: bool) -> tuple[object, Report]:
     started = time.perf_counter()
     bound_heap_growth()
     method.check_options(options)
@@ -73,7 +84,6 @@ def run(source, method, options: Options, sink: Sink | None = None, *, compute_s
     report = Report(backend=backend.name, method=method.name, num_tasks=source.num_tasks,
                     averaged=list(plan.elementwise), zero_rank=list(plan.zero_rank))
     ctx = Context(backend, options, device, source.num_tasks, compute_sti, low_rank)
-    sink = sink or DictSink()
     out_device = source.reference.device
 
     def emit(key: str, value: object) -> None:
@@ -84,33 +94,28 @@ def run(source, method, options: Options, sink: Sink | None = None, *, compute_s
         if not low_rank:
             emit(key, method.unchanged(key, source.base_tensor(key, device), ctx))
 
-    try:
-        for key in plan.elementwise:
-            emit(key, method.elementwise(key, source.base_tensor(key, device),
-                                         source.deltas(key, options.compute_dtype, device), ctx))
-        if method.uses_rank_rule:
-            warn_zero_rank(plan.zero_rank)
-        for key in [*plan.unchanged, *plan.zero_rank]:  # no update, as in the authors' code
+    for key in plan.elementwise:
+        emit(key, method.elementwise(key, source.base_tensor(key, device),
+                                     source.deltas(key, options.compute_dtype, device), ctx))
+    if method.uses_rank_rule:
+        warn_zero_rank(plan.zero_rank)
+    for key in [*plan.unchanged, *plan.zero_rank]:  # no update, as in the authors' code
+        keep(key)
+    bar = _progress(plan.matrices, options.progress)
+    for chunk, zero in source.chunks(plan.groups, backend, options, device):
+        for key in zero:  # every task vector is zero here: no factor work
+            report.zero_delta.append(key)
             keep(key)
-        bar = _progress(plan.matrices, options.progress)
-        for chunk, zero in source.chunks(plan.groups, backend, options, device):
-            for key in zero:  # every task vector is zero here: no factor work
-                report.zero_delta.append(key)
-                keep(key)
-            if chunk.keys:
-                for key, value, layer in method.merge_group(chunk, ctx):
-                    emit(key, value)
-                    if layer is not None:
-                        report.layers[key] = layer
-                        log.info("%s: k=%d κ(U)=%.3g κ(V)=%.3g", key, layer.k, layer.kappa_u, layer.kappa_v)
-            bar.update(len(chunk.keys) + len(zero))
-        bar.close()
-        report.seconds = time.perf_counter() - started
-        result = sink.close({**run_metadata(method, options, source), **(metadata or {})})
-    except BaseException:
-        sink.abort()
-        raise
-    return result, report
+        if chunk.keys:
+            for key, value, layer in method.merge_group(chunk, ctx):
+                emit(key, value)
+                if layer is not None:
+                    report.layers[key] = layer
+                    log.info("%s: k=%d κ(U)=%.3g κ(V)=%.3g", key, layer.k, layer.kappa_u, layer.kappa_v)
+        bar.update(len(chunk.keys) + len(zero))
+    bar.close()
+    report.seconds = time.perf_counter() - started
+    return sink.close({**run_metadata(method, options, source), **(metadata or {})}), report
 
 
 def run_metadata(method, options: Options, source) -> dict[str, str]:

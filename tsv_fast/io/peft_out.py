@@ -109,6 +109,8 @@ class AdapterSink(Sink):
         self.lora[module] = (a, b, keep)
 
     def close(self, metadata: Mapping[str, str]) -> MergedAdapter:
+        if not self.lora:
+            raise ValueError("no LoRA module has a non-zero merged update, so there is no adapter to write")
         tensors: dict[str, Tensor] = {}
         for module, (a, b, _) in self.lora.items():
             kind = "lora_embedding_" if self.layouts[module + ".weight"].embedding else "lora_"
