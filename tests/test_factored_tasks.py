@@ -197,3 +197,43 @@ def test_cli_compress_and_interference_accept_adapter_folders(lora_inputs, tmp_p
     for key, value in tsv_fast.interference(tmp_path / "base.safetensors", paths).items():
         assert got[key] == pytest.approx(value, rel=1e-5)
     assert (tmp_path / "heat.png").stat().st_size > 0
+
+
+def test_adapters_are_never_densified(lora_inputs, monkeypatch):
+    """TSV-C, STI and merged adapters (every method) of LoRA adapters work from the factors: no m×n
+    task vector of a LoRA matrix and no m×n sum of factored tasks is ever formed (conv kernels and
+    weights an adapter saves whole are dense by nature and stay allowed)."""
+    from tsv_fast.engine.adapters import AdapterChunk
+    from tsv_fast.io.peft import LoraFactor
+
+    base, floats, fts, paths = lora_inputs
+    dense, task_sum = LoraFactor.dense, AdapterChunk.task_sum
+
+    def no_dense(self, dtype=torch.float32):
+        assert len(self.shape()) != 2, f"a LoRA matrix of shape {self.shape()} was densified"
+        return dense(self, dtype)
+
+    def no_sum(self):
+        assert not self.factored_only, f"the sum of factored tasks of {self.keys} was densified"
+        return task_sum(self)
+
+    monkeypatch.setattr(LoraFactor, "dense", no_dense)
+    monkeypatch.setattr(AdapterChunk, "task_sum", no_sum)
+    packed = tsv_fast.compress(base, paths)
+    assert packed.factors["model.layers.0.self_attn.q_proj.weight"][0].shape[-1] == 6
+    assert len(tsv_fast.interference(base, paths)) >= 4
+    for method in ("tsv-m", "iso-c", "iso-cts", "ta"):
+        adapter = tsv_fast.lora_tsv_merge(base, paths, method=method, output="adapter", max_rank=5)
+        assert max(adapter.ranks.values()) == 5, method
+
+
+def test_a_library_reads_only_the_chosen_tasks(tiny, tmp_path):
+    """Merging tasks 1 and 3 of a 4-task file reads their stored tensors once each, nothing of the others."""
+    pre, fts, _, _ = tiny
+    path = tmp_path / "lib.tsvc"
+    io.save_compressed(path, tsv_fast.compress(pre, fts, rank_fraction=0.5))
+    library = io.TsvcLibrary(path)
+    tsv_fast.merge_compressed(pre, library, tasks=[1, 3])
+    stored = tensor_bytes(path)
+    chosen = sum(len(raw) for name, raw in stored.items() if name.startswith(("task1::", "task3::")))
+    assert 0 < library.bytes_read == chosen < sum(len(raw) for raw in stored.values()) / 1.5
