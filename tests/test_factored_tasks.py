@@ -92,6 +92,10 @@ def test_cli_merge_from_a_library(tiny, tmp_path):
     assert "tasks of" in result.stdout
     want = tsv_fast.tsv_merge(pre, [fts[0], fts[3]])
     assert_equal_merge("cli", load_file(str(tmp_path / "out.safetensors")), want, pre)
+    with safe_open(str(tmp_path / "out.safetensors"), "pt") as f:  # the file states the tasks and each k
+        meta = f.metadata()
+    assert json.loads(meta["library_tasks"]) == [0, 3] and meta["method"] == "tsv-m"
+    assert json.loads(meta["k_per_task"]) == {key: int(min(pre[key].shape) / 2) for key in matrices(pre)}
     bad = cli("merge", "-b", folder / "pre.safetensors", tmp_path / "lib.tsvc", "--tasks", "0,4",
               "-o", tmp_path / "bad.safetensors")
     assert bad.returncode != 0 and "0 … 3" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
