@@ -173,11 +173,12 @@ def test_merged_adapter_update_equals_the_float64_reference_on_peft_task_vectors
                 assert torch.equal(got[key], state64[key])
 
 
-def test_max_rank_keeps_the_top_triplets_and_reports_the_energy(setup, tmp_path):
+@pytest.mark.parametrize("method", ["tsv-m", "ta"])  # Iso's flat spectra have no unique best rank-R cut
+def test_max_rank_keeps_the_top_triplets_and_reports_the_energy(setup, tmp_path, method):
     cls, config, state, _, paths, whole = setup
     state64 = {k: v.to(F64) if v.is_floating_point() else v for k, v in state.items()}
-    full = tsv_fast.lora_tsv_merge(state64, paths, compute_dtype=F64)
-    adapter = tsv_fast.lora_tsv_merge(state64, paths, output="adapter", max_rank=3, compute_dtype=F64)
+    full = tsv_fast.lora_tsv_merge(state64, paths, method=method, compute_dtype=F64)
+    adapter = tsv_fast.lora_tsv_merge(state64, paths, method=method, output="adapter", max_rank=3, compute_dtype=F64)
     assert max(adapter.ranks.values()) == 3
     adapter.save(tmp_path / "r3", inputs=paths)
     got = peft_weights(cls, config, state, tmp_path / "r3", F64)
