@@ -241,3 +241,18 @@ def test_a_library_reads_only_the_chosen_tasks(tiny, tmp_path):
     stored = tensor_bytes(path)
     chosen = sum(len(raw) for name, raw in stored.items() if name.startswith(("task1::", "task3::")))
     assert 0 < library.bytes_read == chosen < sum(len(raw) for raw in stored.values()) / 1.5
+
+
+@pytest.mark.parametrize("line, words", [
+    ("tasks: [0, -2]", ["tasks", "a list of whole numbers"]),
+    ("tasks: 3", ["tasks", "a list of whole numbers"]),
+    ("as_adapter: 'yes'", ["as_adapter", "true or false"]),
+    ("max_rank: 2.5", ["max_rank", "whole number"]),
+])
+def test_config_keys_of_factored_merges_are_typed(tmp_path, line, words):
+    config = tmp_path / "c.yaml"
+    config.write_text("base_model: pre.safetensors\nmodels: [a.tsvc]\noutput: o.safetensors\n" + line + "\n")
+    result = cli("merge", "-c", config)
+    assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    for word in words:
+        assert word in result.stderr, (word, result.stderr)
