@@ -13,9 +13,6 @@ app = typer.Typer(
           "state dicts. Run `tsv-fast COMMAND --help` for each command's options."),
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 
-# Keys a merge config (YAML) may hold, in the spirit of mergekit.
-
-
 def _interrupt_on_sigterm() -> None:
     """Treat SIGTERM (kill, a scheduler's time limit) like Ctrl-C, so the sink removes its temporaries."""
     import signal
@@ -30,7 +27,10 @@ def _interrupt_on_sigterm() -> None:
 
 
 @app.callback()
-def _setup() -> None:
+def _setup(debug: bool = typer.Option(False, "--debug", help="Show the full traceback of a failure (for bug reports).")) -> None:
+    from . import common
+
+    common.DEBUG = common.DEBUG or debug
     bound_heap_growth()
     _interrupt_on_sigterm()
 

@@ -77,22 +77,35 @@ def summary(started: float, output: Path | None) -> None:
     typer.echo(" | ".join(parts))
 
 
-def fail(exc: BaseException) -> None:
-    typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
+#: set by `tsv-fast --debug` (or TSV_FAST_DEBUG=1): failures raise with their traceback, for bug reports
+DEBUG = bool(os.environ.get("TSV_FAST_DEBUG"))
+#: failures a user can cause (bad paths, files, values, options, a busy output); anything else is a bug
+USER_ERRORS = (CliError, ValueError, TypeError, LookupError, OSError, RuntimeError)
+
+
+def fail(message: str) -> None:
+    typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
     raise typer.Exit(1)
 
 
 def run_command(body):
-    """Run a command body; user errors print one line, Ctrl-C says that nothing was written."""
+    """Run a command body: every failure is one line on stderr and exit status 1 (130 on Ctrl-C /
+    SIGTERM, saying that nothing was written); never a traceback unless --debug."""
     try:
         return body()
     except KeyboardInterrupt:
         typer.secho("interrupted: no output was written (temporary files removed)", err=True)
         raise typer.Exit(130)
-    except (CliError, ValueError, FileNotFoundError, OSError, RuntimeError, TypeError) as exc:
-        if os.environ.get("TSV_FAST_DEBUG"):  # the full traceback, for bug reports
+    except typer.Exit:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the one place that turns failures into messages
+        if DEBUG:
             raise
-        fail(exc)
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        if not isinstance(exc, USER_ERRORS):
+            message = (f"internal error ({type(exc).__name__}: {message}); rerun with --debug for the traceback "
+                       "and please report it")
+        fail(message)
 
 
 def lora_models(models: list) -> bool:

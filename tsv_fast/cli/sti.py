@@ -39,6 +39,8 @@ def interference(
         inputs = [base, *models]
         guard_outputs(inputs, output, plot, heatmap)  # before any work, not after it
         pre, fts = open_all(base, list(models), allow_pickle)
+        if heatmap is not None and layer is not None and layer not in pre.keys():
+            raise CliError(f"layer {layer!r} not found in {pre.name}")
         excl = tuple(exclude) if exclude else ("text_projection",)
         per_layer = sti_of(pre, fts, rank_fraction=rank_fraction, exclude=excl, orthogonalized=orthogonalized,
                            device=device, progress=True, exact=exact)

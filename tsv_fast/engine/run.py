@@ -42,6 +42,10 @@ class Context:
 
 def backend_for(options: Options, device: torch.device) -> Backend:
     """The backend of a run: the named/auto one, or the full-SVD route when ``options.exact``."""
+    if device.type == "cuda" and not torch.cuda.is_available():
+        reason = "this torch has no CUDA" if torch.version.cuda is None else "no CUDA device is visible"
+        raise RuntimeError(f"device {str(device)!r} is not available: {reason} (torch {torch.__version__}); "
+                           "use --device cpu")
     if not options.exact:
         return resolve_backend(options.backend, device)
     if options.backend not in (None, "auto", "torch"):
@@ -56,22 +60,22 @@ def run(source, method, options: Options, sink: Sink | None = None, *, compute_s
     ``close`` returns (a dict for DictSink, a path for file sinks) and the Report."""
     started = time.perf_counter()
     bound_heap_growth()
-    method.check_options(options)
-    source.check()
-    plan = make_plan(source, method, options)
-    device = torch.device(options.device) if options.device is not None else source.reference.device
-    backend = backend_for(options, device)
-    report = Report(backend=backend.name, method=method.name, num_tasks=source.num_tasks,
-                    averaged=list(plan.elementwise), zero_rank=list(plan.zero_rank))
-    ctx = Context(backend, options, device, source.num_tasks, compute_sti)
     sink = sink or DictSink()
-    out_device = source.reference.device
 
     def emit(key: str, value: object) -> None:
         if value is not None:
             sink.write(key, value.to(out_device) if isinstance(value, Tensor) else value)
 
-    try:
+    try:  # from here on any failure drops the sink's partial output
+        method.check_options(options)
+        source.check()
+        plan = make_plan(source, method, options)
+        device = torch.device(options.device) if options.device is not None else source.reference.device
+        backend = backend_for(options, device)
+        report = Report(backend=backend.name, method=method.name, num_tasks=source.num_tasks,
+                        averaged=list(plan.elementwise), zero_rank=list(plan.zero_rank))
+        ctx = Context(backend, options, device, source.num_tasks, compute_sti)
+        out_device = source.reference.device
         for key in plan.elementwise:
             emit(key, method.elementwise(key, source.base_tensor(key, device),
                                          source.deltas(key, options.compute_dtype, device), ctx))
@@ -79,19 +83,18 @@ def run(source, method, options: Options, sink: Sink | None = None, *, compute_s
             warn_zero_rank(plan.zero_rank)
         for key in [*plan.unchanged, *plan.zero_rank]:  # no update, as in the authors' code
             emit(key, method.unchanged(key, source.base_tensor(key, device), ctx))
-        bar = _progress(plan.matrices, options.progress)
-        for chunk, zero in source.chunks(plan.groups, backend, options, device):
-            for key in zero:  # every task vector is zero here: no factor work
-                report.zero_delta.append(key)
-                emit(key, method.unchanged(key, source.base_tensor(key, device), ctx))
-            if chunk.keys:
-                for key, value, layer in method.merge_group(chunk, ctx):
-                    emit(key, value)
-                    if layer is not None:
-                        report.layers[key] = layer
-                        log.info("%s: k=%d κ(U)=%.3g κ(V)=%.3g", key, layer.k, layer.kappa_u, layer.kappa_v)
-            bar.update(len(chunk.keys) + len(zero))
-        bar.close()
+        with _progress(plan.matrices, options.progress) as bar:  # closed (a newline) on failures too
+            for chunk, zero in source.chunks(plan.groups, backend, options, device):
+                for key in zero:  # every task vector is zero here: no factor work
+                    report.zero_delta.append(key)
+                    emit(key, method.unchanged(key, source.base_tensor(key, device), ctx))
+                if chunk.keys:
+                    for key, value, layer in method.merge_group(chunk, ctx):
+                        emit(key, value)
+                        if layer is not None:
+                            report.layers[key] = layer
+                            log.info("%s: k=%d κ(U)=%.3g κ(V)=%.3g", key, layer.k, layer.kappa_u, layer.kappa_v)
+                bar.update(len(chunk.keys) + len(zero))
         report.seconds = time.perf_counter() - started
         result = sink.close({**run_metadata(method, options, source), **(metadata or {})})
     except BaseException:
