@@ -16,7 +16,7 @@ from .common import CliError, parse_size
 
 BACKENDS = ("auto", "torch", "triton", "cusolver")
 METHOD_CHOICES = ("tsv-m", "iso-c", "iso-cts", "ta")
-#: key -> kind; the kinds are checked by _typed
+#: key -> kind; the kinds are checked by typed_value
 KEYS = {
     "base_model": "path", "models": "models", "output": "path", "merge_method": "method",
     "alpha": "float", "rank_fraction": "fraction", "min_rank": "int", "rank_overrides": "overrides",
@@ -77,7 +77,7 @@ def load_config(path: Path) -> MergeJob:
         key = ALIASES.get(raw_key, raw_key)
         if key not in KEYS:
             raise CliError(f"{path}: unknown key {raw_key!r}; allowed: {', '.join(sorted(KEYS))}, parameters")
-        typed = _typed(f"{path}: {raw_key}", KEYS[key], value)
+        typed = typed_value(f"{path}: {raw_key}", KEYS[key], value)
         if key == "models":
             job.models, job.weights = typed
         elif key in ("base_model", "output"):
@@ -91,7 +91,7 @@ def load_config(path: Path) -> MergeJob:
     return job
 
 
-def _typed(where: str, kind: str, value):
+def typed_value(where: str, kind: str, value):
     """``value`` checked (and converted) as ``kind``; CliError naming the key, value and choices."""
     def bad(expected: str):
         return CliError(f"{where}: expected {expected}, got {value!r} ({type(value).__name__})")
@@ -152,7 +152,7 @@ def _typed(where: str, kind: str, value):
         if not isinstance(value, dict):
             raise bad("a mapping {glob pattern: rank (int) or fraction (float)}")
         for pattern, rank in value.items():
-            _typed(f"{where}.{pattern}", "int" if isinstance(rank, int) and not isinstance(rank, bool) else "fraction", rank)
+            typed_value(f"{where}.{pattern}", "int" if isinstance(rank, int) and not isinstance(rank, bool) else "fraction", rank)
         return dict(value)
     if kind == "models":
         return _models(where, value)
@@ -173,7 +173,7 @@ def _models(where: str, value) -> tuple[list[str], list[float] | None]:
         unknown = sorted(set(entry) - {"model", "parameters"})
         if unknown:
             raise CliError(f"{where}[{i}]: unknown key(s) {unknown}; a model entry has 'model' and 'parameters'")
-        models.append(_typed(f"{where}[{i}].model", "path", entry["model"]))
+        models.append(typed_value(f"{where}[{i}].model", "path", entry["model"]))
         params = entry.get("parameters") or {}
         if not isinstance(params, dict):
             raise CliError(f"{where}[{i}].parameters: expected a mapping, got {params!r}")
@@ -181,7 +181,7 @@ def _models(where: str, value) -> tuple[list[str], list[float] | None]:
         if unknown:
             raise CliError(f"{where}[{i}].parameters: unknown key(s) {unknown}; a model takes only "
                            f"{', '.join(MODEL_PARAMETERS)} (scales its task vector before factorisation)")
-        weights.append(_typed(f"{where}[{i}].parameters.weight", "float", params.get("weight", 1.0)))
+        weights.append(typed_value(f"{where}[{i}].parameters.weight", "float", params.get("weight", 1.0)))
     return models, (None if all(w == 1.0 for w in weights) else weights)
 
 

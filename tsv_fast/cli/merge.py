@@ -11,7 +11,7 @@ import typer
 
 from .app import app
 from .common import CliError, guard_outputs, lora_models, open_all, run_command, summary
-from .config import KEYS, MergeJob, _typed, load_config
+from .config import KEYS, MergeJob, typed_value, load_config
 
 
 @app.command()
@@ -64,7 +64,7 @@ def merge(
                  "exact": exact or None}
         for key, value in flags.items():
             if value is not None:
-                job.values[key] = _typed(f"--{key.replace('_', '-')}", KEYS[key], value)
+                job.values[key] = typed_value(f"--{key.replace('_', '-')}", KEYS[key], value)
         if not job.base_model:
             raise CliError("no base model: pass --base PATH (or base_model: in the config)")
         if not job.output:
