@@ -18,9 +18,12 @@ import torch
 
 if os.environ.get("TSV_FAST_REQUIRE_MERGEKIT"):
     import mergekit  # noqa: F401 - an ImportError here fails the run
+    import transformers
 else:
     pytest.importorskip("mergekit")
-transformers = pytest.importorskip("transformers")
+    transformers = pytest.importorskip("transformers")
+# mergekit's lazy unpickler touches numpy.core at import; not ours to fix
+pytestmark = pytest.mark.filterwarnings("ignore:numpy.core is deprecated:DeprecationWarning")
 
 import yaml  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
@@ -32,6 +35,7 @@ from tsv_fast.cli import app  # noqa: E402
 from tsv_fast.integrations import mergekit as bridge  # noqa: E402
 from tsv_fast.testing import assert_rel_close, assert_same_result, contract_bound, rel_fro  # noqa: E402
 
+ROOT = Path(__file__).resolve().parents[1]
 VOCAB, T = 96, 3
 WEIGHTS = (1.0, 0.5, 2.0)  # ft1's task vector halved, ft2's doubled, in both routes
 
@@ -172,9 +176,13 @@ def test_mergekit_options_reach_mergekit(tsv_out):
 def test_iso_cts_equals_tsv_fast_merge(models):
     params = {"alpha": 1.2, "common_space_fraction": 0.6, "exclude": "lm_head,nothing_matches"}
     out = models / "out_iso_cts"
-    result = cli("mergekit", write(models / "iso_cts.yml", mergekit_config(models, "iso_cts", params)), out,
-                 "--no-copy-tokenizer")
-    assert result.exit_code == 0, result.output
+    # the console command in a fresh process (it registers the methods itself), run from the clone
+    # root, whose kernels/ folder must not shadow the `kernels` package transformers imports
+    proc = subprocess.run([sys.executable, "-m", "tsv_fast", "mergekit",
+                           str(write(models / "iso_cts.yml", mergekit_config(models, "iso_cts", params))), str(out),
+                           "--no-copy-tokenizer"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "done in" in proc.stdout
     got = load_dir(out)
     want = tsv_fast_merge(models, "iso-cts", {**params, "exclude": ["lm_head", "nothing_matches"]},
                           models / "tf_iso_cts")
@@ -298,6 +306,15 @@ def test_missing_base_and_bad_options_and_overlap(models):
             "models: Input should be a valid list")
 
 
+def test_network_failure_names_mergekits_hub_lookup():
+    """Offline, mergekit's model card fails on relative model paths (it asks the Hub about them)."""
+    from tsv_fast.cli.mergekit import network_hint
+
+    offline = type("ConnectError", (OSError,), {"__module__": "httpx2"})("[Errno -2] Name or service not known")
+    assert "--no-write-model-card" in network_hint(offline)
+    assert network_hint(ValueError("Tensor size mismatch")) == ""
+
+
 def test_registration_is_idempotent_and_refuses_foreign_names(monkeypatch):
     from mergekit.merge_methods import get, register, registry
 
@@ -310,13 +327,17 @@ def test_registration_is_idempotent_and_refuses_foreign_names(monkeypatch):
         bridge.register_methods()
 
 
-def test_without_mergekit_one_clear_line(tmp_path):
-    code = ("import sys; sys.modules['mergekit'] = None\n"
+@pytest.mark.parametrize("hidden, message", [
+    ("mergekit", 'error: mergekit is not installed: pip install "tsv_fast[mergekit]"'),
+    ("transformers", "error: mergekit cannot be imported: import of transformers halted; None in sys.modules"),
+])
+def test_without_mergekit_one_clear_line(tmp_path, hidden, message):
+    code = (f"import sys; sys.modules[{hidden!r}] = None\n"
             "from tsv_fast.cli import app\n"
             "app(['mergekit', 'merge.yml', 'out'])")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert proc.returncode == 1
-    assert proc.stderr.strip() == 'error: mergekit is not installed: pip install "tsv_fast[mergekit]"'
+    assert proc.stderr.strip() == message
 
 
 @pytest.mark.gpu

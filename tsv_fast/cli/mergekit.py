@@ -40,8 +40,8 @@ def mergekit(
             from mergekit.scripts import run_yaml
 
             from ..integrations import mergekit as bridge
-        except ImportError as exc:
-            if "mergekit" not in str(exc):
+        except ImportError as exc:  # mergekit missing, or one of its own imports broken
+            if (exc.name or "").split(".")[0] != "mergekit":
                 raise CliError(f"mergekit cannot be imported: {exc}") from None
             raise CliError(INSTALL_HINT) from None
         argv = list(args or [])
@@ -51,6 +51,8 @@ def mergekit(
                 config_path, out_path = Path(ctx.params["config_file"]), Path(ctx.params["out_path"])
         except click.ClickException as exc:
             raise CliError(exc.format_message()) from None
+        except click.exceptions.Exit as exc:  # mergekit's own --help (when typer did not take it)
+            raise typer.Exit(exc.exit_code) from None
         config = read_config(config_path)
         try:
             bridge.check_config(config)
@@ -61,10 +63,11 @@ def mergekit(
             run_yaml.main.main(argv, prog_name="tsv-fast mergekit", standalone_mode=False)
         except click.ClickException as exc:
             raise CliError(exc.format_message()) from None
-        except click.exceptions.Abort:
-            raise KeyboardInterrupt from None
+        except (KeyboardInterrupt, click.exceptions.Abort):
+            typer.secho(f"interrupted: {out_path} may hold a partial merge (mergekit writes as it goes)", err=True)
+            raise typer.Exit(130) from None
         except Exception as exc:  # mergekit's errors: pydantic reports, RuntimeError, ValueError
-            raise CliError(one_line(exc)) from exc
+            raise CliError(one_line(exc) + network_hint(exc)) from exc
         summary(started, out_path)
 
     run_command(body)
@@ -86,14 +89,14 @@ def read_config(path: Path) -> dict:
 
 
 def refuse_overlap(config: dict, out_path: Path) -> None:
-    """mergekit writes into OUT_DIR as it goes: never let that be (or hold, or sit in) an input folder."""
+    """mergekit writes into OUT_DIR as it goes: never let that be, or sit inside, an input folder."""
     out = out_path.resolve()
     for model in _model_paths(config):
         path = Path(model)
         if not path.exists():
             continue  # a hub id, or mergekit's error to report
         src = path.resolve()
-        if out == src or src in out.parents or out in src.parents:
+        if out == src or src in out.parents:
             raise CliError(f"output {out_path} overlaps the input model {model}; choose another OUT_DIR")
 
 
@@ -116,6 +119,17 @@ def _model_paths(config: dict):
                 yield from walk(item)
 
     yield from walk(config)
+
+
+def network_hint(exc: BaseException) -> str:
+    """mergekit's model card asks the Hugging Face Hub about model paths that are relative and hold at
+    most one '/', even when they exist locally; offline that fails after the tensors were written."""
+    chain = [exc, exc.__cause__, exc.__context__]
+    if any(type(e).__module__.split(".")[0] in ("httpx", "httpx2", "httpcore", "httpcore2", "requests", "urllib3")
+           for e in chain if e is not None):
+        return (" (a network request failed: mergekit's model card looks relative model paths up on the Hugging "
+                "Face Hub; offline, give absolute paths or pass --no-write-model-card)")
+    return ""
 
 
 def one_line(exc: BaseException) -> str:

@@ -56,7 +56,7 @@ try:
     from typing_extensions import Annotated
 except ImportError as exc:  # mergekit is an optional extra
     raise ImportError('tsv_fast.integrations.mergekit needs mergekit >= 0.1.5: pip install "tsv_fast[mergekit]" '
-                      f"({exc})") from exc
+                      f"({exc})", name=exc.name) from exc
 
 DEFAULT_EXCLUDE = "text_projection"
 
