@@ -234,6 +234,21 @@ def test_iso_c_and_task_rebuild_through_mergekit_api(models):
     assert rel_fro(rebuilt["lm_head.weight"], fts[2]["lm_head.weight"]) > 1e-4  # truncated, not a copy
 
 
+@pytest.mark.parametrize("method, ours", [("tsv", "tsv-m"), ("iso_cts", "iso-cts")])
+def test_bfloat16_tensors_keep_their_dtype(models, method, ours):
+    """mergekit's `dtype: bfloat16` hands the method bf16 tensors: the engine reads them like bf16
+    checkpoints (float64 Grams) and writes bf16, as tsv-fast merge does for bf16 inputs."""
+    from mergekit.merge_methods import merge_tensors
+
+    base = {k: v.bfloat16() for k, v in load_dir(models / "base").items()}
+    fts = [{k: v.bfloat16() for k, v in load_dir(models / f"ft{t}").items()} for t in range(T)]
+    want = tsv_fast.merge(base, fts, method=ours)
+    for key in ("model.layers.1.mlp.down_proj.weight", "model.norm.weight"):
+        got = merge_tensors([base[key], *(ft[key] for ft in fts)], method, base_index=0, name=key)
+        assert got.dtype == torch.bfloat16
+        assert_same_result(key, got, want[key])
+
+
 # ------------------------------------------------------------------------------------------------
 # Errors: one line, naming the place, no traceback
 # ------------------------------------------------------------------------------------------------
