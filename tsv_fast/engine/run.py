@@ -39,6 +39,10 @@ class Context:
     def compute_dtype(self) -> torch.dtype:
         return self.options.compute_dtype
 
+    def out_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """The output dtype of a key whose base has ``dtype`` (Options.out_dtype for floating keys)."""
+        return self.options.out_dtype if self.options.out_dtype is not None and dtype.is_floating_point else dtype
+
 
 def backend_for(options: Options, device: torch.device) -> Backend:
     """The backend of a run: the named/auto one, or the full-SVD route when ``options.exact``."""
@@ -56,20 +60,26 @@ def run(source, method, options: Options, sink: Sink | None = None, *, compute_s
     ``close`` returns (a dict for DictSink, a path for file sinks) and the Report."""
     started = time.perf_counter()
     bound_heap_growth()
-    method.check_options(options)
-    source.check()
-    plan = make_plan(source, method, options)
-    device = torch.device(options.device) if options.device is not None else source.reference.device
-    backend = backend_for(options, device)
+    sink = sink or DictSink()
+    try:  # a refused input aborts the sink too: no staging folder, no lock, no empty folder is left
+        method.check_options(options)
+        source.check(options)
+        plan = make_plan(source, method, options)
+        device = torch.device(options.device) if options.device is not None else source.reference.device
+        backend = backend_for(options, device)
+    except BaseException:
+        sink.abort()
+        raise
     report = Report(backend=backend.name, method=method.name, num_tasks=source.num_tasks,
                     averaged=list(plan.elementwise), zero_rank=list(plan.zero_rank))
     ctx = Context(backend, options, device, source.num_tasks, compute_sti)
-    sink = sink or DictSink()
     out_device = source.reference.device
 
     def emit(key: str, value: object) -> None:
+        if isinstance(value, Tensor):  # weights in the output dtype (unchanged keys: the base, exactly)
+            value = value.to(out_device, ctx.out_dtype(value.dtype) if method.writes == "weights" else value.dtype)
         if value is not None:
-            sink.write(key, value.to(out_device) if isinstance(value, Tensor) else value)
+            sink.write(key, value)
 
     try:
         for key in plan.elementwise:
