@@ -202,24 +202,27 @@ def layer_groups(keys: list[str]) -> list[tuple[str, str]]:
 
 
 def plot_sti(path: Path, per_layer: dict, blocks: dict, inputs=()) -> None:
-    """Top: STI of every matrix in checkpoint order, coloured by its place in the block (q/k/v, MLP, ...),
-    blocks shaded alternately and labelled; bottom: the sum per block. Readable from 10 to ~400 layers."""
+    """Top: STI of every matrix in checkpoint order, coloured by its kind (q/k/v, MLP, ..., or the key
+    itself outside the blocks; named in the legend), blocks shaded alternately and labelled; bottom:
+    the sum per block. Readable from 10 to ~400 matrices (labels thinned to ~40 and ~60)."""
     plt = _pyplot()
     keys, values = list(per_layer), list(per_layer.values())
     groups = layer_groups(keys)
-    members = list(dict.fromkeys(member for block, member in groups if _NUMBERED.match(block)))
-    palette = plt.get_cmap("tab10" if len(members) <= 10 else "tab20")
-    colour = {m: palette(i % palette.N) for i, m in enumerate(members)}
+    kinds = [member for _, member in groups]  # a key outside the numbered blocks is a kind of its own
+    legend = list(dict.fromkeys(kinds))
+    palette = plt.get_cmap("tab10" if len(legend) <= 10 else "tab20")
+    colour = {kind: palette(i % palette.N) if i < 20 else "0.45" for i, kind in enumerate(legend)}
     width = min(max(10.0, 6 + 0.045 * len(keys)), 26.0)
-    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(width, 8.5), gridspec_kw={"height_ratios": [3, 2]})
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(width, 8), gridspec_kw={"height_ratios": [3, 2]})
     log = any(v > 0 for v in values)
     ax1.bar(range(len(keys)), [v if v > 0 or not log else float("nan") for v in values], width=0.85,
-            color=[colour.get(m, "0.45") for _, m in groups])
-    # runs of consecutive keys of one block: alternate shading, a label in the middle (at most ~40)
+            color=[colour[kind] for kind in kinds])
+    # runs of consecutive keys of one numbered block: alternate shading, its number in the middle
     runs: list[list] = []
-    for i, (block, member) in enumerate(groups):
-        block = block if _NUMBERED.match(block) else member  # a key outside the blocks is named itself
-        if runs and runs[-1][0] == block:
+    for i, (block, _) in enumerate(groups):
+        if not _NUMBERED.match(block):
+            continue
+        if runs and runs[-1][0] == block and runs[-1][2] == i - 1:
             runs[-1][2] = i
         else:
             runs.append([block, i, i])
@@ -229,29 +232,35 @@ def plot_sti(path: Path, per_layer: dict, blocks: dict, inputs=()) -> None:
     for j, (block, first, last) in enumerate(runs):
         if j % 2:
             ax1.axvspan(first - 0.5, last + 0.5, color="0.93", zorder=0)
-        if j % step == 0:
+        if j % step == 0 or j == len(runs) - 1:
             ticks.append((first + last) / 2)
             labels.append(names[j])
-    ax1.set_xticks(ticks, labels, rotation=90 if max(map(len, labels), default=0) > 3 else 0, fontsize=8)
+    _ticks(ax1, ticks, labels)
     ax1.set_xlim(-0.5, len(keys) - 0.5)
     ax1.set(ylabel="STI", title=f"STI per matrix ({len(keys)} matrices), grouped by block", xlabel=title)
     if log:
         ax1.set_yscale("log")
-    if members:
-        handles = [plt.Rectangle((0, 0), 1, 1, color=colour[m]) for m in members]
-        ax1.legend(handles, members, fontsize=8, loc="upper left", bbox_to_anchor=(1.005, 1), frameon=False,
-                   title="matrix", title_fontsize=8)
+    shown = legend[:20]
+    handles = [plt.Rectangle((0, 0), 1, 1, color=colour[kind]) for kind in shown]
+    ax1.legend(handles, shown + (["..."] if len(legend) > 20 else []), fontsize=8, loc="upper left",
+               bbox_to_anchor=(1.005, 1), frameon=False, title="matrix", title_fontsize=8)
     block_names, block_title = block_labels(list(blocks))
     ax2.bar(range(len(blocks)), list(blocks.values()), color="tab:blue")
     step = max(1, math.ceil(len(blocks) / 60))
-    shown = list(range(0, len(blocks), step))
-    ax2.set_xticks(shown, [block_names[i] for i in shown],
-                   rotation=90 if max(map(len, block_names), default=0) > 3 else 0, fontsize=8)
+    shown = [i for i in range(len(blocks)) if i % step == 0 or i == len(blocks) - 1]
+    _ticks(ax2, shown, [block_names[i] for i in shown])
     ax2.set_xlim(-0.5, len(blocks) - 0.5)
     ax2.set(xlabel=block_title, ylabel="STI (sum over the block)", title="STI per block")
     fig.tight_layout()
     save_figure(fig, path, inputs)
     plt.close(fig)
+
+
+def _ticks(ax, positions, labels) -> None:
+    """Short labels upright, longer ones turned (a block number stays level beside a key name)."""
+    ax.set_xticks(positions, labels, fontsize=8)
+    for label in ax.get_xticklabels():
+        label.set_rotation(90 if len(label.get_text()) > 3 else 0)
 
 
 def plot_heatmap(path: Path, key: str, similarity: dict, gram_abs, tasks: list[str], inputs=()) -> None:
