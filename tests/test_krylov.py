@@ -9,7 +9,7 @@ import torch
 
 import tsv_fast
 from tsv_fast import reference
-from tsv_fast.backends import _lapack, krylov
+from tsv_fast.backends import _lapack, krylov, torch_backend
 from tsv_fast.backends.torch_backend import TorchBackend, krylov_unsuitable
 from tsv_fast.synthetic import task_matrices
 from tsv_fast.testing import assert_rel_close, contract_bound, rel_fro
@@ -96,7 +96,7 @@ def test_certificate_fails_when_stopped_early():
 
 def test_uncertified_tasks_fall_back_to_the_gram_route(monkeypatch):
     delta = deltas32((360, 240), 4, shared=0.3, seed=9)
-    monkeypatch.setattr(krylov, "MAX_DIM_FACTOR", 1.0)  # too small a budget: nothing certifies
+    monkeypatch.setattr(krylov, "U32", 0.0)  # τ = 0: nothing certifies
     krylov.STATS.clear()
     backend = TorchBackend()
     backend.topk = "krylov"
@@ -117,6 +117,7 @@ def test_merge_within_contract(monkeypatch, kind, shared, num_tasks):
     """TSV-M through the Krylov route within max(1e-5, 3x the authors' float32 error) of the float64
     reference; at T = 2 k is half the rank, where the route hands every task to the Gram route."""
     monkeypatch.setenv("TSV_FAST_TOPK", "krylov")
+    monkeypatch.setitem(torch_backend.KRYLOV_BUDGET, "cpu", 1.0)  # correctness here, not economics
     tvs64 = [{"w": d} for d in task_matrices((360, 240), num_tasks, shared=shared, kind=kind, seed=num_tasks)]
     tvs32 = [{"w": tv["w"].float()} for tv in tvs64]
     want = reference.fast_tsv_merge(tvs64, compute_dtype=F64)["w"]
@@ -131,6 +132,7 @@ def test_merge_within_contract(monkeypatch, kind, shared, num_tasks):
 def test_merge_edge_cases_within_contract(monkeypatch):
     """Rank-deficient, identical and zero tasks, a wide layer: each merged as the reference does."""
     monkeypatch.setenv("TSV_FAST_TOPK", "krylov")
+    monkeypatch.setitem(torch_backend.KRYLOV_BUDGET, "cpu", 1.0)
     low = task_matrices((240, 360), 6, rank=10, shared=0.4, seed=3)
     full = task_matrices((240, 360), 6, shared=0.4, seed=5)
     tasks = [low[0], low[1], low[1].clone(), torch.zeros(240, 360, dtype=F64), full[4], full[5]]
@@ -169,14 +171,17 @@ def test_routes_spread_tasks_over_threads(route):
     assert_rel_close(f"{route}: vs float64 SVD", rebuild(one), rebuild(want), 1e-5)
 
 
-def test_auto_route_reasons():
+def test_auto_route_reasons(monkeypatch):
     cpu = torch.device("cpu")
+    backend = TorchBackend()
+    assert "keeps the Gram route" in krylov_unsuitable((3072, 768), 96, torch.float32, cpu)
+    assert backend.topk_route((3072, 768), 96, torch.float32, cpu) == "gram"
+    monkeypatch.setitem(torch_backend.KRYLOV_AUTO, "cpu", 0.2)
     assert krylov_unsuitable((3072, 768), 96, torch.float32, cpu) is None
     assert "float64" in krylov_unsuitable((3072, 768), 96, F64, cpu)
     assert "crossover" in krylov_unsuitable((4096, 4096), 1024, torch.float32, cpu)
     assert "no room" in krylov_unsuitable((96, 60), 30, torch.float32, cpu, route="krylov")
     assert krylov_unsuitable((240, 160), 20, F64, cpu, route="krylov") is None
-    backend = TorchBackend()
     assert backend.topk_route((3072, 768), 96, torch.bfloat16, cpu) == "krylov"
     assert backend.topk_route((64, 48), 6, torch.float32, cpu) == "gram"
     backend.topk = "nope"
@@ -194,3 +199,32 @@ def test_lapack_calls_match_torch():
     assert_rel_close("dsyevr values", torch.from_numpy(values), want_values[-5:].flip(0), 1e-13)
     vectors, want_vectors = torch.from_numpy(vectors), want_vectors[:, -5:]
     assert_rel_close("dsyevr projector", vectors @ vectors.mT, want_vectors @ want_vectors.mT, 1e-10)
+
+
+def test_bench_topk_rows_and_table():
+    """bench/bench_topk.py's code path at a small shape: every provider timed, checked and rendered."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    bench_dir = Path(__file__).resolve().parents[1] / "bench"
+    sys.path.insert(0, str(bench_dir))
+    try:
+        spec = importlib.util.spec_from_file_location("tsv_bench_topk", bench_dir / "bench_topk.py")
+        bench = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(bench)
+        saved = torch.get_num_threads()
+        try:
+            rows = bench.op_rows("small", (480, 320), 8, [1], 1, log=lambda *_: None)
+        finally:
+            torch.set_num_threads(saved)
+    finally:
+        sys.path.remove(str(bench_dir))
+    assert [row["provider"] for row in rows] == ["authors", "gram", "krylov"]
+    for row in rows:
+        assert row["per_task_ms"] > 0 and row["rec_err"] < 1e-5, row
+    krylov_row = rows[2]
+    assert 0 <= krylov_row["fallback"] <= 8 and krylov_row["mean_steps"] >= 1 and math.isfinite(krylov_row["floor_ms"])
+    assert krylov_row["resid_u32F"] <= 1.25 * krylov.TOL_FACTOR  # certified, or recomputed by the Gram route
+    assert "| small 480×320 | 8 | 40 |" in bench.render({"meta": {"device_name": "cpu", "torch": "", "git_sha": "",
+                                                                    "timestamp": "", "command": ""}, "rows": rows})

@@ -45,8 +45,6 @@ U32 = 2.0 ** -24
 TOL_FACTOR = 2.0
 #: A task certifies once its Lanczos estimate is below this fraction of τ.
 ESTIMATE_FRACTION = 0.5
-#: Krylov dimension budget, in multiples of k (converged at 2.3k–4k on every test spectrum).
-MAX_DIM_FACTOR = 6.0
 
 #: Counters over calls, for the benchmarks: tasks, certified, fallback and "steps=i" (tasks that
 #: finished after i steps). Reset with STATS.clear().
@@ -61,10 +59,10 @@ def block_size(k: int, n: int) -> int:
     return min(8 * math.ceil(b / 8), n)
 
 
-def max_dim(k: int, n: int, b: int) -> int:
-    """Largest Krylov dimension tried: MAX_DIM_FACTOR·k (at least four blocks) plus a block, and
-    room for one more block inside n."""
-    return max(b, min(max(int(MAX_DIM_FACTOR * k), 4 * b) + b, n - b))
+def max_dim(n: int, b: int, fraction: float = 1.0) -> int:
+    """Largest Krylov dimension (whole blocks) within ``fraction`` · n that leaves room for the next
+    block inside n."""
+    return b * (min(int(fraction * n), n - b) // b)
 
 
 @contextlib.contextmanager
@@ -108,14 +106,14 @@ def krylov_topk(delta: Tensor, k: int, *, block: int | None = None, dim_limit: i
 
     Returns U [B, m, k], σ [B, k], V [B, n, k] (float64; numerically zero triplets as zero columns
     with σ = 0, like the Gram route), ``certified`` [B] bool and ``steps`` [B] (Krylov steps taken).
-    Tasks with ``certified`` False hold their last Ritz triplets: the caller recomputes them.
-    ``dim_limit`` caps the Krylov dimension (to test that the certificate fails when stopped early);
-    task i starts from a Gaussian block drawn with seed ``seed + i``.
+    Tasks with ``certified`` False must be recomputed by the caller.
+    ``dim_limit`` is the Krylov dimension budget (default: all of n but a block); tasks not certified
+    within it are returned uncertified. Task i starts from a Gaussian block drawn with seed ``seed + i``.
     """
     batch, m, n = delta.shape
     device = delta.device
     b = block or block_size(k, n)
-    limit = dim_limit or max_dim(k, n, b)
+    limit = dim_limit or max_dim(n, b)
     out_u = torch.empty(batch, m, k, dtype=F64, device=device)  # every task is written once
     out_s = torch.zeros(batch, k, dtype=F64, device=device)
     out_v = torch.empty(batch, n, k, dtype=F64, device=device)
@@ -191,17 +189,31 @@ def _certify(delta: Tensor, left: Tensor, right: Tensor, tol: Tensor, out_u: Ten
     (measured on 300×200 fast-decay tasks: a length-m dot product that cancels), too much for a
     certificate. Ũ comes from Y, not from the exact ΔṼ: the pair (Ũ, Ṽ) is then an exact singular
     pair of Δ plus the rounding of Y, whereas ΔṼ/σ̃ would carry that rounding divided by σ̃."""
-    exact = delta.to(F64)
     sigma = torch.linalg.vector_norm(left, dim=-2)
     kept = sigma > ZERO_RTOL * sigma.amax(dim=-1, keepdim=True)
     u = left.mul_(torch.where(kept, 1.0 / sigma.clamp_min(torch.finfo(F64).tiny), 0.0).unsqueeze(-2))
     sigma = sigma * kept
     right = right.mul_(kept.unsqueeze(-2))
-    scaled_u, scaled_v = u * sigma.unsqueeze(-2), right * sigma.unsqueeze(-2)
-    norms = torch.maximum(torch.linalg.vector_norm((exact @ right).sub_(scaled_u), dim=-2),
-                          torch.linalg.vector_norm((exact.mT @ u).sub_(scaled_v), dim=-2))
+    right_residual, left_residual = _exact_residuals(delta, u, sigma, right)
+    norms = torch.maximum(right_residual, left_residual)
     out_u[idx], out_s[idx], out_v[idx] = u, sigma, right
     return (norms <= tol.unsqueeze(-1)).all(-1)  # dropped triplets are zero columns: norm 0
+
+
+def _exact_residuals(delta: Tensor, u: Tensor, sigma: Tensor, v: Tensor, rows: int = 256) -> tuple[Tensor, Tensor]:
+    """Column norms of ΔV − Uσ and ΔᵀU − Vσ in float64, one sweep over row blocks of the float32 Δ
+    (each block converted in cache: a whole float64 copy of Δ cost as much as a GEMM, measured)."""
+    m = delta.shape[-2]
+    right = torch.zeros_like(sigma)
+    left = -v * sigma.unsqueeze(-2)
+    block = torch.empty(delta.shape[0], min(rows, m), delta.shape[-1], dtype=F64, device=delta.device)
+    for r0 in range(0, m, rows):
+        part = block[:, :min(rows, m - r0)]
+        part.copy_(delta[:, r0:r0 + rows])
+        u_rows = u[:, r0:r0 + rows]
+        right += torch.linalg.vector_norm((part @ v).sub_(u_rows * sigma.unsqueeze(-2)), dim=-2).square()
+        left.baddbmm_(part.mT, u_rows)
+    return right.sqrt(), torch.linalg.vector_norm(left, dim=-2)
 
 
 _STATS_LOCK = threading.Lock()

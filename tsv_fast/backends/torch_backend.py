@@ -29,19 +29,31 @@ from . import _lapack, krylov
 F64 = torch.float64
 
 TOPK_ROUTES = ("auto", "gram", "krylov")
-#: auto takes the Krylov route for matrices with min(m, n) >= this ...
+#: device type -> the largest k / min(m, n) for which ``auto`` takes the Krylov route (absent: never),
+#: for min(m, n) >= KRYLOV_MIN_DIM. Empty on purpose, by measurement (bench/bench_topk.py): on the
+#: CPU the certified Krylov top-k needs a Krylov space of ~0.9 min(m, n) on real task vectors
+#: (all-MiniLM-L6 fine-tunes, whose spectra decay slowly past k), where the Gram route is cheaper,
+#: and gains only 1.0-1.6x on the fast-decaying synthetic spectra; on CUDA it is not measured yet.
+KRYLOV_AUTO: dict[str, float] = {}
 KRYLOV_MIN_DIM = 256
-#: ... and k <= this fraction of min(m, n), per device type (measured by bench/bench_topk.py).
-KRYLOV_MAX_FRACTION = {"cpu": 0.2, "cuda": 0.2}
+#: Krylov dimension budget as a fraction of min(m, n): beyond it the Gram route is cheaper (its
+#: cost model at the measured fp32/fp64 GEMM rates of a 2-core EPYC breaks even near 0.6).
+KRYLOV_BUDGET = {"cpu": 0.5, "cuda": 0.75}
 
 
 def gram(x: Tensor) -> Tensor:
     """XᵀX of [..., m, n] float64. On the CPU BLAS's dsyrk computes one triangle, half the flops of
-    a GEMM, through a call that releases the GIL (tsv_fast.backends._lapack)."""
+    a GEMM, through a call that releases the GIL (tsv_fast.backends._lapack); with several CPU
+    threads the rows are split between them and the partial Grams summed."""
     if x.device.type != "cpu" or x.dtype != F64 or not _lapack.AVAILABLE or x.numel() == 0:
         return x.mT @ x
     flat = x.reshape(-1, *x.shape[-2:])
-    out = torch.stack([torch.from_numpy(_lapack.gram(matrix.numpy())) for matrix in flat])
+
+    def rows_gram(rows: list[int]) -> Tensor:
+        part = flat[:, rows[0]:rows[-1] + 1]
+        return torch.stack([torch.from_numpy(_lapack.gram(matrix.numpy())) for matrix in part])
+
+    out = sum(_in_parallel(rows_gram, flat.shape[1], x.device))
     return out.reshape(*x.shape[:-2], x.shape[-1], x.shape[-1])
 
 
@@ -66,17 +78,23 @@ def krylov_unsuitable(shape: tuple[int, int], k: int, dtype: torch.dtype, device
     measured preferences and keeps only what the method needs."""
     r = min(shape)
     b = krylov.block_size(k, r)
-    if k < 1 or k + 2 * b > r:
-        return f"k = {k} leaves no room for a Krylov space of block {b} in min(m, n) = {r}"
+    if k < 1 or k + b > krylov_budget(k, r, device):
+        return f"k = {k} leaves no room for a Krylov space of block {b} in the budget of min(m, n) = {r}"
     if route == "krylov":
         return None
     if dtype == F64:
         return "float64 inputs ask for float64 factors; the Krylov GEMMs are float32"
+    if device.type not in KRYLOV_AUTO:
+        return f"auto keeps the Gram route on {device.type} (measured; see KRYLOV_AUTO); TSV_FAST_TOPK=krylov asks for it"
     if r < KRYLOV_MIN_DIM:
         return f"min(m, n) = {r} < {KRYLOV_MIN_DIM}: the Gram route is as fast"
-    if k > KRYLOV_MAX_FRACTION.get(device.type, 0.0) * r:
+    if k > KRYLOV_AUTO[device.type] * r:
         return f"k / min(m, n) = {k / r:.2f} above the measured crossover on {device.type}"
     return None
+
+
+def krylov_budget(k: int, r: int, device: torch.device) -> int:
+    return krylov.max_dim(r, krylov.block_size(k, r), KRYLOV_BUDGET.get(device.type, 0.5))
 
 
 def _layer_runs(rows: list[int], tasks: int) -> list[tuple[int, int, int]]:
@@ -206,7 +224,8 @@ class TorchBackend(Backend):
         """The Krylov route for the flat tasks ``rows``; uncertified tasks go through the Gram route."""
         delta = deltas(finetuned, pretrained, rows, torch.float32)
         wide = delta.shape[-2] < delta.shape[-1]
-        u, sigma, v, certified, _ = krylov.krylov_topk(delta.mT if wide else delta, k, seed=rows[0])
+        budget = krylov_budget(k, min(delta.shape[-2:]), delta.device)
+        u, sigma, v, certified, _ = krylov.krylov_topk(delta.mT if wide else delta, k, dim_limit=budget, seed=rows[0])
         del delta
         if not bool(certified.all()):
             again = (~certified).nonzero().squeeze(-1)
