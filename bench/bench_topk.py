@@ -41,6 +41,7 @@ if str(HERE) not in sys.path:
 import bench_merge  # noqa: E402
 from tsv_fast import reference  # noqa: E402
 from tsv_fast.backends import krylov  # noqa: E402
+from tsv_fast.backends import torch_backend  # noqa: E402
 from tsv_fast.backends.torch_backend import TorchBackend  # noqa: E402
 
 F64 = torch.float64
@@ -48,11 +49,16 @@ VIT = [("vit-b32 c_fc", (3072, 768)), ("vit-b32 in_proj", (2304, 768)), ("vit-b3
        ("vit-b32 c_proj", (768, 3072))]
 LLAMA = [("llama7b q_proj", (4096, 4096)), ("llama7b up_proj", (11008, 4096))]
 MERGES = [("vit-b-32", 8, 1), ("vit-b-32", 20, 1), ("vit-b-32", 8, None), ("vit-b-32", 20, None)]
+DEVICE = torch.device("cpu")  # --device
+
+
+def _sync() -> None:
+    bench_merge._timing.synchronize(DEVICE)
 
 
 def task_deltas(shape, num_tasks, seed=0) -> torch.Tensor:
     tvs, _ = bench_merge.make_task_vectors(f"op{shape}", num_tasks, {"w": shape}, seed=seed)
-    return torch.stack([tv["w"] for tv in tvs])
+    return torch.stack([tv["w"] for tv in tvs]).to(DEVICE)
 
 
 def providers(k: int):
@@ -72,14 +78,18 @@ def gemm_rates(m: int, n: int, b: int) -> dict:
     """fp32 and fp64 GEMM FLOP/s of [m, n] @ [n, b] and fp64 of the Gram [n, m] @ [m, n], measured now."""
     out = {}
     for name, dtype, cols in (("fp32", torch.float32, b), ("fp64", F64, b), ("fp64_gram", F64, n)):
-        a, x = torch.randn(m, n, dtype=dtype), torch.randn(n if name != "fp64_gram" else m, cols, dtype=dtype)
+        a = torch.randn(m, n, dtype=dtype, device=DEVICE)
+        x = torch.randn(n if name != "fp64_gram" else m, cols, dtype=dtype, device=DEVICE)
         fn = (lambda: a @ x) if name != "fp64_gram" else (lambda: a.mT @ x)
-        fn()
-        samples = []
-        for _ in range(3):
-            start = time.perf_counter()
+        with krylov.ieee_fp32(DEVICE):
             fn()
-            samples.append(time.perf_counter() - start)
+            samples = []
+            for _ in range(3):
+                _sync()
+                start = time.perf_counter()
+                fn()
+                _sync()
+                samples.append(time.perf_counter() - start)
         out[name] = 2 * m * n * cols / min(samples)
     return out
 
@@ -96,8 +106,8 @@ def floors(m: int, n: int, k: int, steps: float, rates: dict) -> dict:
 
 
 def accuracy(delta: torch.Tensor, factors, want) -> dict:
-    u, s, v = (t[0].to(F64) for t in factors)
-    d = delta.double()
+    u, s, v = (t[0].to(F64).cpu() for t in factors)
+    d = delta.double().cpu()
     unit = krylov.U32 * torch.linalg.vector_norm(d, dim=(-2, -1))
     residual = torch.maximum(torch.linalg.vector_norm(d @ v - u * s.unsqueeze(-2), dim=-2).amax(-1),
                              torch.linalg.vector_norm(d.mT @ u - v * s.unsqueeze(-2), dim=-2).amax(-1))
@@ -114,7 +124,7 @@ def op_rows(name, shape, num_tasks, threads, runs, log=print) -> list[dict]:
     m, n = shape
     k = reference.rank_per_task(shape, num_tasks)
     delta = task_deltas(shape, num_tasks)
-    want = reference.topk_svd_ref(delta.double(), k) if m * n <= 4_000_000 else None
+    want = reference.topk_svd_ref(delta.double().cpu(), k) if m * n <= 4_000_000 else None
     rows = []
     for count in threads:
         torch.set_num_threads(count)
@@ -128,8 +138,10 @@ def op_rows(name, shape, num_tasks, threads, runs, log=print) -> list[dict]:
             stats[p] = dict(krylov.STATS)
         for _ in range(runs):
             for p, fn in fns.items():
+                _sync()
                 start, start_cpu = time.perf_counter(), time.process_time()
                 fn(delta)
+                _sync()
                 samples[p].append(time.perf_counter() - start)
                 cpu[p].append(time.process_time() - start_cpu)
         steps = stats["krylov"]
@@ -154,7 +166,7 @@ def op_rows(name, shape, num_tasks, threads, runs, log=print) -> list[dict]:
 
 def merge_rows(workloads, threads, runs, log=print) -> list[dict]:
     rows = []
-    device = torch.device("cpu")
+    device = DEVICE
     for count in threads:
         torch.set_num_threads(count)
         machine = bench_merge._timing.measure_machine(device)
@@ -200,9 +212,16 @@ def real_rows(folder: Path, counts, log=print) -> list[dict]:
         tvs32 = [{k: ft[k] - pre[k] for k in keys} for ft in fts]
         oracle = reference.fast_tsv_merge(exact, compute_dtype=F64)
         authors = reference.authors_fast_tsv_merge(tvs32)
-        for route in ("gram", "krylov"):
+        for route in ("gram", "krylov", "krylov-full-budget"):
+            # krylov-full-budget: a Krylov space up to min(m, n) minus a block, to see what real spectra need
+            saved = dict(torch_backend.KRYLOV_BUDGET)
+            torch_backend.KRYLOV_BUDGET[DEVICE.type] = 1.0 if route == "krylov-full-budget" else saved[DEVICE.type]
             krylov.STATS.clear()
-            got = bench_merge._with_topk_route(route, lambda: tsv_fast.fast_tsv_merge(tvs32))
+            try:
+                got = bench_merge._with_topk_route(route.split("-")[0],
+                                                   lambda: tsv_fast.fast_tsv_merge(tvs32, device=DEVICE))
+            finally:
+                torch_backend.KRYLOV_BUDGET.update(saved)
             stats = dict(krylov.STATS)
             for key in keys:
                 err, base = bench_merge.rel_f(got[key], oracle[key]), bench_merge.rel_f(authors[key], oracle[key])
@@ -256,15 +275,16 @@ def render(data: dict) -> str:
         lines += ["", "\\* authors timed on block 0 only, ratio per-block normalised (EXTRAPOLATED)", ""]
     real = [r for r in data["rows"] if r["kind"] == "real"]
     if real:
-        lines += ["| real MiniLM | T | route | matrices within contract | worst rel_F vs fp64 | authors' on that matrix | Krylov certified / fallbacks |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += ["| real MiniLM | T | route | matrices within contract | worst rel_F vs fp64 | authors' on that matrix | "
+                  "Krylov certified / fallbacks | tasks certified after i steps |", "|---|---|---|---|---|---|---|---|"]
         for (count, route) in dict.fromkeys((r["T"], r["route"]) for r in real):
             group = [r for r in real if r["T"] == count and r["route"] == route]
             worst = max(group, key=lambda r: r["rel_err"])
             stats = group[0]["krylov_stats"]
             lines.append(f"| all-MiniLM-L6-v2 encoder | {count} | {route} | {sum(r['contract_ok'] for r in group)}/{len(group)} | "
                          f"{worst['rel_err']:.1e} ({worst['key']}) | {worst['authors_rel_err']:.1e} | "
-                         f"{stats.get('certified', 0)} / {stats.get('fallback', 0)} |")
+                         f"{stats.get('certified', 0)} / {stats.get('fallback', 0)} | "
+                         f"{ {key[6:]: v for key, v in sorted(stats.items()) if key.startswith('steps=')} } |")
     lines += ["", f"Command: `{data['meta']['command']}`"]
     return "\n".join(lines) + "\n"
 
@@ -278,7 +298,11 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, nargs="*", default=[1, 2])
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--no-merge", action="store_true", help="op rows only")
+    parser.add_argument("--no-ops", action="store_true", help="merge rows only")
+    parser.add_argument("--merges", nargs="*", help="NAME:T:BLOCKS (BLOCKS 0 = whole model, authors timed on "
+                        "block 0); default vit-b-32 at T = 8, 20, block 0 and whole")
     parser.add_argument("--label", default="")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:i] (threads are then irrelevant)")
     parser.add_argument("--note", default="")
     parser.add_argument("--render", type=Path, nargs="*")
     args = parser.parse_args(argv)
@@ -286,7 +310,9 @@ def main(argv=None):
         for path in args.render:
             print(render(json.loads(path.read_text())))
         return
-    meta = {"device_name": bench_merge.device_name(torch.device("cpu")), "torch": torch.__version__,
+    global DEVICE
+    DEVICE = torch.device(args.device)
+    meta = {"device_name": bench_merge.device_name(DEVICE), "torch": torch.__version__,
             "git_sha": bench_merge.git_sha(), "note": args.note, "command": " ".join(["python", "bench/bench_topk.py", *sys.argv[1:]]),
             "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "omp_threads": os.environ.get("OMP_NUM_THREADS", "")}
@@ -298,14 +324,16 @@ def main(argv=None):
         threads, runs = ([1], 1) if args.quick else (args.threads, args.runs)
         shapes = [(name, shape, 4) for name, shape in LLAMA] if args.llama else \
             [(name, shape, t) for t in (8, 20) for name, shape in VIT]
-        for name, shape, num_tasks in shapes:
+        for name, shape, num_tasks in ([] if args.no_ops else shapes):
             rows += op_rows(name, shape, num_tasks, threads, 1 if args.llama else runs)
+        merges = [(w.split(":")[0], int(w.split(":")[1]), int(w.split(":")[2]) or None) for w in args.merges] \
+            if args.merges else MERGES
         if not (args.quick or args.llama or args.no_merge):
-            rows += merge_rows(MERGES, threads, runs)
+            rows += merge_rows(merges, threads, runs)
         label = args.label or ("llama" if args.llama else "quick" if args.quick else "vitb32")
     data = {"meta": meta, "rows": rows}
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d")
-    path = bench_merge.RESULTS / f"topk_cpu_{date}_{label}.json"
+    path = bench_merge.RESULTS / f"topk_{DEVICE.type}_{date}_{label}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=1, default=str) + "\n")
     table = render(data)

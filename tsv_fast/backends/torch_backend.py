@@ -17,6 +17,7 @@ tall-skinny GEMMs scale far better across tasks than inside one BLAS call.
 from __future__ import annotations
 
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -135,13 +136,17 @@ def _in_parallel(fn, batch: int, device: torch.device) -> list:
         _lapack.single_threaded_in_this_thread()
         return fn(rows)
 
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)  # process-wide: the workers are the parallelism now
-    try:
-        with ThreadPoolExecutor(workers, thread_name_prefix="tsv-fast-topk") as pool:
-            return list(pool.map(work, shares))
-    finally:
-        torch.set_num_threads(saved)
+    with _POOL_LOCK:  # one pool at a time, so that concurrent callers restore the right thread count
+        saved = torch.get_num_threads()
+        torch.set_num_threads(1)  # process-wide: the workers are the parallelism now
+        try:
+            with ThreadPoolExecutor(workers, thread_name_prefix="tsv-fast-topk") as pool:
+                return list(pool.map(work, shares))
+        finally:
+            torch.set_num_threads(saved)
+
+
+_POOL_LOCK = threading.Lock()
 
 
 class Backend:
