@@ -199,12 +199,12 @@ def real_rows(folder: Path, counts, log=print) -> list[dict]:
     sys.modules[spec.name] = acc  # its dataclasses look themselves up there
     spec.loader.exec_module(acc)
     pre = acc.encoder_state(acc.load_model()[1])
-    newest = {}  # one fine-tune per task (the cache may hold several configs): the newest file
-    for path in sorted(folder.glob("*_seed*.safetensors"), key=lambda p: p.stat().st_mtime):
+    newest = {}  # one seed-0 fine-tune per task (the cache may hold several configs): the newest file
+    for path in sorted(folder.glob("*_seed0_*.safetensors"), key=lambda p: p.stat().st_mtime):
         newest[path.name.split("_seed")[0]] = path
     files = sorted(newest.values())
     log(f"real MiniLM task vectors: {[f.name for f in files]}")
-    rows = []
+    rows = [{"kind": "real-files", "files": [f.name for f in files]}]
     for count in counts:
         fts = [{k: v for k, v in load_file(f).items() if k in pre} for f in files[:count]]
         keys = [k for k in pre if pre[k].ndim == 2]
@@ -228,10 +228,10 @@ def real_rows(folder: Path, counts, log=print) -> list[dict]:
                 rows.append({"kind": "real", "T": count, "route": route, "key": key, "shape": list(pre[key].shape),
                              "rel_err": err, "authors_rel_err": base,
                              "contract_ok": err <= max(1e-5, 3 * base), "krylov_stats": stats})
-            worst = max((r for r in rows if r["T"] == count and r["route"] == route), key=lambda r: r["rel_err"] / max(1e-5, 3 * r["authors_rel_err"]))
+            group = [r for r in rows if r.get("T") == count and r.get("route") == route]
+            worst = max(group, key=lambda r: r["rel_err"] / max(1e-5, 3 * r["authors_rel_err"]))
             log(f"real MiniLM T={count} {route}: worst {worst['key']} err {worst['rel_err']:.2e} (authors "
-                f"{worst['authors_rel_err']:.2e}); contract ok on {sum(r['contract_ok'] for r in rows if r['T'] == count and r['route'] == route)}"
-                f"/{len(keys)}; {stats}")
+                f"{worst['authors_rel_err']:.2e}); contract ok on {sum(r['contract_ok'] for r in group)}/{len(keys)}; {stats}")
     return rows
 
 
