@@ -8,7 +8,8 @@ two routes (``TorchBackend.topk_route``):
 * ``gram``: the float64 task Gram and the top-k eigenvectors of LAPACK's MRRR solver; the reference
   precision route, for float64 inputs, small matrices and k close to min(m, n);
 * ``krylov``: certified block Krylov with float32 GEMMs on Δ (``tsv_fast.backends.krylov``); tasks it
-  cannot certify are recomputed by the Gram route. ``auto`` takes it where it was measured faster.
+  cannot certify are recomputed by the Gram route. ``auto`` takes it only where it was measured
+  faster (nowhere yet, see KRYLOV_AUTO); ``TSV_FAST_TOPK=krylov`` or ``TorchBackend.topk`` asks for it.
 
 On the CPU the tasks of a call are spread over ``torch.get_num_threads()`` worker threads, each
 single-threaded (torch ops and the ctypes LAPACK calls release the GIL): small eigensolves and
@@ -37,8 +38,9 @@ TOPK_ROUTES = ("auto", "gram", "krylov")
 #: and gains only 1.0-1.6x on the fast-decaying synthetic spectra; on CUDA it is not measured yet.
 KRYLOV_AUTO: dict[str, float] = {}
 KRYLOV_MIN_DIM = 256
-#: Krylov dimension budget as a fraction of min(m, n): beyond it the Gram route is cheaper (its
-#: cost model at the measured fp32/fp64 GEMM rates of a 2-core EPYC breaks even near 0.6).
+#: Krylov dimension budget as a fraction of min(m, n): beyond it the Gram route is cheaper (on the
+#: CPU the FLOP model at the measured fp32/fp64 GEMM rates breaks even near 0.6; the CUDA value is a
+#: placeholder until a GPU run measures it: fp64 GEMMs are cheap there, the eigensolver is not).
 KRYLOV_BUDGET = {"cpu": 0.5, "cuda": 0.75}
 
 
