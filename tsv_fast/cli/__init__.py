@@ -4,7 +4,7 @@
 TSV-C libraries), ``sti`` (interference), ``tools`` (convert, demo, version). ``config`` reads merge
 configs, ``common`` holds what they share. ``app`` is the console script's entry point.
 """
-from . import merge, sti, tasks, tools  # noqa: F401 - each registers its commands on app
+from . import merge, mergekit, sti, tasks, tools  # noqa: F401 - each registers its commands on app
 from .app import app
 from .tools import main
 

@@ -13,8 +13,6 @@ app = typer.Typer(
           "state dicts. Run `tsv-fast COMMAND --help` for each command's options."),
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 
-# Keys a merge config (YAML) may hold, in the spirit of mergekit.
-
 
 def _interrupt_on_sigterm() -> None:
     """Treat SIGTERM (kill, a scheduler's time limit) like Ctrl-C, so the sink removes its temporaries."""
@@ -29,9 +27,24 @@ def _interrupt_on_sigterm() -> None:
         pass
 
 
+def _one_line_warnings() -> None:
+    """Warnings as one line each (``warning: ...``), never the source line that raised them."""
+    import sys
+    import warnings
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        print(f"warning: {' '.join(str(message).split())}", file=file or sys.stderr)
+
+    warnings.showwarning = show
+
+
 @app.callback()
-def _setup() -> None:
+def _setup(debug: bool = typer.Option(False, "--debug", help="Show the full traceback of a failure (for bug reports).")) -> None:
+    from . import common
+
+    common.DEBUG = common.DEBUG or debug
     bound_heap_growth()
     _interrupt_on_sigterm()
+    _one_line_warnings()
 
 

@@ -40,9 +40,17 @@ class Context:
     def compute_dtype(self) -> torch.dtype:
         return self.options.compute_dtype
 
+    def out_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """The output dtype of a key whose base has ``dtype`` (Options.out_dtype for floating keys)."""
+        return self.options.out_dtype if self.options.out_dtype is not None and dtype.is_floating_point else dtype
+
 
 def backend_for(options: Options, device: torch.device) -> Backend:
     """The backend of a run: the named/auto one, or the full-SVD route when ``options.exact``."""
+    if device.type == "cuda" and not torch.cuda.is_available():
+        reason = "this torch has no CUDA" if torch.version.cuda is None else "no CUDA device is visible"
+        raise RuntimeError(f"device {str(device)!r} is not available: {reason} (torch {torch.__version__}); "
+                           "use --device cpu")
     if not options.exact:
         return resolve_backend(options.backend, device)
     if options.backend not in (None, "auto", "torch"):
@@ -61,61 +69,60 @@ def run(source, method, options: Options, sink: Sink | None = None, *, compute_s
     weights: an ``io.checkpoint.LowRank`` α·M = left rightᵀ for each matrix whose tasks are all
     factored, the merged weight for every other key the tasks change, nothing for keys they leave.
     """
-    sink = sink or DictSink()
-    try:
-        return _run(source, method, options, sink, compute_sti, metadata, low_rank)
-    except BaseException:
-        sink.abort()
-        raise
-
-
-def _run(source, method, options: Options, sink: Sink, compute_sti: bool, metadata: dict[str, str] | None,
-         low_rank: bool) -> tuple[object, Report]:
     started = time.perf_counter()
     bound_heap_growth()
-    method.check_options(options)
-    if low_rank and not (source.factored and method.writes == "weights"):
-        raise ValueError(f"factored outputs need factored inputs (LoRA adapters, a TSV-C library) and a merge "
-                         f"method; got {type(source).__name__} and {method.name!r}")
-    source.check()
-    plan = make_plan(source, method, options, low_rank)
-    device = torch.device(options.device) if options.device is not None else source.reference.device
-    backend = backend_for(options, device)
-    report = Report(backend=backend.name, method=method.name, num_tasks=source.num_tasks,
-                    averaged=list(plan.elementwise), zero_rank=list(plan.zero_rank))
-    ctx = Context(backend, options, device, source.num_tasks, compute_sti, low_rank)
-    out_device = source.reference.device
+    sink = sink or DictSink()
 
     def emit(key: str, value: object) -> None:
+        if isinstance(value, Tensor):  # weights in the output dtype (unchanged keys: the base, exactly)
+            value = value.to(out_device, ctx.out_dtype(value.dtype) if method.writes == "weights" else value.dtype)
+        elif isinstance(value, LowRank):
+            value = value.to(out_device)
         if value is not None:
-            sink.write(key, value.to(out_device) if isinstance(value, (Tensor, LowRank)) else value)
+            sink.write(key, value)
 
     def keep(key: str) -> None:  # a key no task changes: its base weight, which is no update
         if not low_rank:
             emit(key, method.unchanged(key, source.base_tensor(key, device), ctx))
 
-    for key in plan.elementwise:
-        emit(key, method.elementwise(key, source.base_tensor(key, device),
-                                     source.deltas(key, options.compute_dtype, device), ctx))
-    if method.uses_rank_rule:
-        warn_zero_rank(plan.zero_rank)
-    for key in [*plan.unchanged, *plan.zero_rank]:  # no update, as in the authors' code
-        keep(key)
-    bar = _progress(plan.matrices, options.progress)
-    for chunk, zero in source.chunks(plan.groups, backend, options, device):
-        for key in zero:  # every task vector is zero here: no factor work
-            report.zero_delta.append(key)
+    try:  # from here on any failure drops the sink's partial output
+        method.check_options(options)
+        if low_rank and not (source.factored and method.writes == "weights"):
+            raise ValueError(f"factored outputs need factored inputs (LoRA adapters, a TSV-C library) and a merge "
+                             f"method; got {type(source).__name__} and {method.name!r}")
+        source.check(options)
+        plan = make_plan(source, method, options, low_rank)
+        device = torch.device(options.device) if options.device is not None else source.reference.device
+        backend = backend_for(options, device)
+        report = Report(backend=backend.name, method=method.name, num_tasks=source.num_tasks,
+                        averaged=list(plan.elementwise), zero_rank=list(plan.zero_rank))
+        ctx = Context(backend, options, device, source.num_tasks, compute_sti, low_rank)
+        out_device = source.reference.device
+        for key in plan.elementwise:
+            emit(key, method.elementwise(key, source.base_tensor(key, device),
+                                         source.deltas(key, options.compute_dtype, device), ctx))
+        if method.uses_rank_rule:
+            warn_zero_rank(plan.zero_rank)
+        for key in [*plan.unchanged, *plan.zero_rank]:  # no update, as in the authors' code
             keep(key)
-        if chunk.keys:
-            for key, value, layer in method.merge_group(chunk, ctx):
-                emit(key, value)
-                if layer is not None:
-                    report.layers[key] = layer
-                    log.info("%s: k=%d κ(U)=%.3g κ(V)=%.3g", key, layer.k, layer.kappa_u, layer.kappa_v)
-        bar.update(len(chunk.keys) + len(zero))
-    bar.close()
-    report.seconds = time.perf_counter() - started
-    return sink.close({**run_metadata(method, options, source), **(metadata or {})}), report
+        with _progress(plan.matrices, options.progress) as bar:  # closed (a newline) on failures too
+            for chunk, zero in source.chunks(plan.groups, backend, options, device):
+                for key in zero:  # every task vector is zero here: no factor work
+                    report.zero_delta.append(key)
+                    keep(key)
+                if chunk.keys:
+                    for key, value, layer in method.merge_group(chunk, ctx):
+                        emit(key, value)
+                        if layer is not None:
+                            report.layers[key] = layer
+                            log.info("%s: k=%d κ(U)=%.3g κ(V)=%.3g", key, layer.k, layer.kappa_u, layer.kappa_v)
+                bar.update(len(chunk.keys) + len(zero))
+        report.seconds = time.perf_counter() - started
+        result = sink.close({**run_metadata(method, options, source), **(metadata or {})})
+    except BaseException:
+        sink.abort()
+        raise
+    return result, report
 
 
 def run_metadata(method, options: Options, source) -> dict[str, str]:

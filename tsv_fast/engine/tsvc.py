@@ -30,7 +30,7 @@ class LibraryTasks(AdapterTasks):
         self.library, self.indices = library, indices
         self._k: dict[str, int] = {}
 
-    def check(self) -> None:
+    def check(self, options=None) -> None:
         names = set(self.base.keys())
         missing = [key for key in self.library.keys if key not in names]
         if missing:

@@ -11,6 +11,8 @@
                    lazily as task sources (``TsvcLibrary``) and extended in place (``append_compressed``)
 ``peft``           PEFT LoRA adapters in (``load_adapter``): factors and their exact SVDs
 ``peft_out``       merged LoRA adapters out (``AdapterSink``, ``MergedAdapter``): PEFT's saved format
+``hf``             Hugging Face: model ids through the hub cache, configs and tokenizer files for outputs,
+                   the keys transformers ignores on load
 =================  ===================================================================================
 
 Nothing here imports the engine, the methods or the command line.
@@ -26,6 +28,7 @@ _EXPORTS = {
     "tsvc": ["CompressedTasks", "TsvcLibrary", "append_compressed", "load_compressed", "read_compressed_header",
              "save_compressed"],
     "peft_out": ["AdapterSink", "MergedAdapter"],
+    "hf": ["is_hub_id", "loadable_files", "resolve_model"],
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_WHERE)

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from ..reference import ZERO_RTOL
+from .hf import resolve_model
 
 F64 = torch.float64
 CONFIG_NAME = "adapter_config.json"
@@ -136,13 +137,18 @@ def is_adapter(path: str | Path) -> bool:
 
 
 def load_adapter(path: str | Path) -> LoraAdapter:
-    """Read a PEFT LoRA adapter (folder, or its adapter_model.safetensors / .bin) into memory."""
-    path = Path(path)
+    """Read a PEFT LoRA adapter (folder, its adapter_model.safetensors / .bin, or a hub id) into memory."""
+    path = Path(resolve_model(path))
     folder = path if path.is_dir() else path.parent
     config_file = folder / CONFIG_NAME
     if not config_file.is_file():
         raise FileNotFoundError(f"{path}: no {CONFIG_NAME} (is this a PEFT adapter folder?)")
-    config = json.loads(config_file.read_text())
+    try:
+        config = json.loads(config_file.read_text())
+    except ValueError as exc:
+        raise ValueError(f"{config_file}: not valid JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_file}: expected a JSON mapping of adapter settings, got {type(config).__name__}")
     kind = config.get("peft_type")
     if kind != "LORA":
         raise ValueError(f"{path}: peft_type {kind!r} is not supported; only LoRA adapters (peft_type 'LORA')")
@@ -171,6 +177,8 @@ def parse_adapter(tensors: Mapping[str, Tensor], config: Mapping, name: str = "a
     embedding: set[str] = set()
     adapter = LoraAdapter(name, config=dict(config))
     for key, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"{name}: adapter tensor {key!r} {tuple(tensor.shape)} contains NaN or Inf")
         plain = key[len(_PREFIX):] if key.startswith(_PREFIX) else key
         if "lora_magnitude_vector" in plain:
             raise ValueError(f"{name}: {key!r} is a DoRA magnitude; DoRA adapters are not supported")
@@ -188,9 +196,12 @@ def parse_adapter(tensors: Mapping[str, Tensor], config: Mapping, name: str = "a
             raise ValueError(f"{name}: module {module!r} has lora_{''.join(ab)} but not both lora_A and lora_B")
         a, b = ab["A"], ab["B"]
         rank = a.shape[0]
-        if b.shape[1] != rank:
+        if rank == 0:
+            raise ValueError(f"{name}: module {module!r} has rank 0 (lora_A {tuple(a.shape)}): an adapter without "
+                             "a single direction; remove the module or the adapter")
+        if b.dim() < 2 or b.shape[1] != rank:
             raise ValueError(f"{name}: module {module!r}: lora_A has rank {rank} but lora_B has shape {tuple(b.shape)}")
-        lora_alpha = _pattern_value(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", 8))
+        lora_alpha = _pattern_value(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", 8), name)
         scale = lora_alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
         # embeddings: PEFT stores A [r, num_embeddings], B [dim, r] and adds (B A)ᵀ
         transposed = module in embedding or bool(config.get("fan_in_fan_out"))
@@ -198,9 +209,13 @@ def parse_adapter(tensors: Mapping[str, Tensor], config: Mapping, name: str = "a
     return adapter
 
 
-def _pattern_value(patterns: Mapping[str, float], module: str, default: float) -> float:
+def _pattern_value(patterns: Mapping[str, float], module: str, default: float, name: str) -> float:
     """PEFT's per-module override: the first pattern that matches the end of the module name."""
     for pattern, value in patterns.items():
-        if re.fullmatch(rf"(.*\.)?(?:{pattern})", module):
+        try:
+            matched = re.fullmatch(rf"(.*\.)?(?:{pattern})", module)
+        except re.error as exc:
+            raise ValueError(f"{name}: alpha_pattern {pattern!r} is not a valid regular expression ({exc})") from None
+        if matched:
             return value
     return default

@@ -51,18 +51,12 @@ class SafetensorsCheckpoint(Checkpoint):
         self._handles: dict[Path, object] = {}
         for file in self.files:
             require_file(file)
-            header, data_start = _read_header(file)
-            self._metadata.update(header.pop("__metadata__", None) or {})
-            size = file.stat().st_size
-            for key, info in header.items():
+            entries, metadata = read_header(file)
+            self._metadata.update(metadata)
+            for key, entry in entries.items():
                 if key in self._entries:
                     raise ValueError(f"{self.name}: key {key!r} appears in more than one shard")
-                if info.get("dtype") not in CODE_DTYPES:
-                    raise ValueError(f"{file}: key {key!r} has unsupported dtype {info.get('dtype')}")
-                start, end = (data_start + int(o) for o in info["data_offsets"])
-                if end > size:
-                    raise ValueError(f"{file}: truncated (key {key!r} ends at byte {end}, file has {size})")
-                self._entries[key] = (file, tuple(info["shape"]), CODE_DTYPES[info["dtype"]], start, end)
+                self._entries[key] = (file, *entry)
 
     def keys(self) -> list[str]:
         return list(self._entries)
@@ -97,23 +91,62 @@ class SafetensorsCheckpoint(Checkpoint):
         return dict(self._metadata)
 
 
-def _read_header(file: Path) -> tuple[dict, int]:
-    """The JSON header of a safetensors file and the byte offset where its data starts."""
+def read_header(file: Path) -> tuple[dict[str, tuple[tuple[int, ...], torch.dtype, int, int]], dict[str, str]]:
+    """The tensors of a safetensors file, key -> (shape, dtype, start, end) with absolute byte offsets,
+    and its metadata. Anything else than a well-formed header is a ValueError naming the file: a
+    length beyond the file, JSON that is not a mapping of entries, unknown dtypes, shapes that are
+    not lists of non-negative integers, offsets outside the data or not matching the shape."""
+    size = file.stat().st_size
     with open(file, "rb") as f:
         raw = f.read(8)
-        size = file.stat().st_size
         if len(raw) < 8:
             raise ValueError(f"{file}: not a safetensors file (too short)")
         length = int.from_bytes(raw, "little")
         if length > min(size - 8, 100 << 20):
-            raise ValueError(f"{file}: not a safetensors file (bad header length)")
+            raise ValueError(f"{file}: not a safetensors file (bad header length {length} for {size} bytes)")
         try:
             header = json.loads(f.read(length))
-        except ValueError as exc:
-            raise ValueError(f"{file}: not a safetensors file (unreadable header)") from exc
+        except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+            raise ValueError(f"{file}: not a safetensors file (unreadable header: {type(exc).__name__})") from None
     if not isinstance(header, dict):
         raise ValueError(f"{file}: not a safetensors file (header is not a mapping)")
-    return header, 8 + length
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise ValueError(f"{file}: bad safetensors header (__metadata__ must map strings to strings)")
+    data_start, data_size = 8 + length, size - 8 - length
+    entries = {}
+    for key, info in header.items():
+        entries[key] = _entry(file, key, info, data_size)
+        entries[key] = (*entries[key][:2], data_start + entries[key][2], data_start + entries[key][3])
+    return entries, metadata
+
+
+def _entry(file: Path, key: str, info: object, data_size: int) -> tuple[tuple[int, ...], torch.dtype, int, int]:
+    """(shape, dtype, start, end) of one header entry, offsets relative to the data section."""
+    def bad(what: str) -> ValueError:
+        return ValueError(f"{file}: bad safetensors header for key {key!r} ({what})")
+
+    if not isinstance(info, dict):
+        raise bad("not a mapping")
+    dtype = CODE_DTYPES.get(info.get("dtype")) if isinstance(info.get("dtype"), str) else None
+    if dtype is None:
+        raise bad(f"unsupported dtype {info.get('dtype')!r}")
+    shape, offsets = info.get("shape"), info.get("data_offsets")
+    if not isinstance(shape, list) or not all(type(d) is int and 0 <= d < 1 << 48 for d in shape):
+        raise bad(f"shape {shape!r} is not a list of non-negative integers")
+    if (not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets)
+            or not 0 <= offsets[0] <= offsets[1]):
+        raise bad(f"data_offsets {offsets!r} are not two increasing non-negative integers")
+    if offsets[1] > data_size:
+        raise ValueError(f"{file}: truncated (key {key!r} ends at byte {offsets[1]} of the data, "
+                         f"which has {data_size})")
+    numel = 1
+    for d in shape:
+        numel *= d
+    if numel * dtype.itemsize != offsets[1] - offsets[0]:
+        raise bad(f"shape {shape} of {str(dtype).removeprefix('torch.')} needs {numel * dtype.itemsize} bytes, "
+                  f"the offsets give {offsets[1] - offsets[0]}")
+    return tuple(shape), dtype, offsets[0], offsets[1]
 
 
 def require_file(path: Path) -> None:

@@ -36,13 +36,14 @@ class SafetensorsSink(Sink):
         out_dtype: cast floating tensors to this dtype (default: keep what the engine gives);
             floating point only.
         extra_metadata: stored in every file's header (beside what the engine passes to close).
-        extra_files: {name: source path} copied into a folder output (configs, tokenizer files).
+        extra_files: {name: source path to copy, or bytes to write} put into a folder output
+            (configs, tokenizer files: ``io.hf.loadable_files``), committed with the weights.
     """
 
     def __init__(self, path: str | os.PathLike, *, max_shard_bytes: int | None = None,
                  inputs: Iterable[object] = (), expected_bytes: int | None = None,
                  out_dtype: torch.dtype | None = None, extra_metadata: Mapping[str, str] | None = None,
-                 extra_files: Mapping[str, str | os.PathLike] | None = None):
+                 extra_files: Mapping[str, str | os.PathLike | bytes] | None = None):
         path = Path(path)
         if out_dtype is not None and not out_dtype.is_floating_point:
             raise ValueError(f"output dtype {out_dtype} is not floating point; use float32, float16, bfloat16 "
@@ -105,7 +106,10 @@ class SafetensorsSink(Sink):
                          "weight_map": {key: name for shard, name in zip(self._shards, names) for key in shard.entries}}
                 self.output.member(self.stem + INDEX_SUFFIX).write_text(json.dumps(index, indent=2))
             for name, source in self.extra_files.items():
-                shutil.copyfile(source, self.output.member(name))
+                if isinstance(source, bytes):
+                    self.output.member(name).write_bytes(source)
+                else:
+                    shutil.copyfile(source, self.output.member(name))
             self.output.commit()
         except BaseException:
             self.abort()

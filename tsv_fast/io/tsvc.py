@@ -46,8 +46,9 @@ class CompressedTasks:
 
     def task_vector(self, task: int) -> dict[str, Tensor]:
         """Δ̂ᵢ: Uᵢ diag(σᵢ) Vᵢᵀ for matrices, the stored Δᵢ for the rest (keys in checkpoint order)."""
-        if not -self.num_tasks <= task < self.num_tasks:
-            raise IndexError(f"task {task} out of range for {self.num_tasks} compressed tasks")
+        if not 0 <= task < self.num_tasks:
+            raise IndexError(f"task {task} out of range: the library holds {self.num_tasks} tasks "
+                             f"(0 to {self.num_tasks - 1})")
         out = {}
         for key in self.shapes:
             if key in self.factors:
@@ -65,8 +66,15 @@ class CompressedTasks:
         if pretrained is None:
             return {key: d.to(self.dtypes[key]) for key, d in delta.items()}
         pre = as_checkpoint(pretrained, "the pretrained checkpoint")
+        missing = [key for key in delta if key not in set(pre.keys())]
+        if missing:
+            raise ValueError(f"{pre.name} has no key {missing[0]!r}" + (f" (and {len(missing) - 1} more)" if
+                             len(missing) > 1 else "") + "; is it the base model these tasks were compressed from?")
         out = {}
         for key, d in delta.items():
+            if tuple(pre.shape(key)) != tuple(self.shapes[key]):
+                raise ValueError(f"key {key!r}: shape {tuple(pre.shape(key))} in {pre.name} but "
+                                 f"{tuple(self.shapes[key])} in the TSV-C library")
             base = pre.load(key)
             if not base.is_floating_point():
                 out[key] = base.clone()
@@ -130,29 +138,48 @@ def save_compressed(path: str | os.PathLike, compressed, *, inputs=()) -> dict[s
 
 def read_compressed_header(path: str | os.PathLike) -> dict:
     """The JSON header of a TSV-C file (no tensors are read)."""
-    from safetensors import safe_open
-
     path = Path(path)
     require_file(path)
-    with safe_open(str(path), framework="pt") as handle:
+    with _opened(path) as handle:
         raw = (handle.metadata() or {}).get("tsv_c")
     if raw is None:
         raise ValueError(f"{path}: not a TSV-C file (no 'tsv_c' header); create one with `tsv-fast compress`")
-    header = json.loads(raw)
-    if header.get("format") != TSVC_FORMAT or header.get("version", 0) > TSVC_VERSION:
-        raise ValueError(f"{path}: unsupported TSV-C format {header.get('format')!r} v{header.get('version')}")
+    try:
+        header = json.loads(raw)
+        if header.get("format") != TSVC_FORMAT or header.get("version", 0) > TSVC_VERSION:
+            raise ValueError(f"unsupported format {header.get('format')!r} v{header.get('version')}")
+        int(header["num_tasks"]), dict(header["keys"])
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise ValueError(f"{path}: not a readable TSV-C header ({type(exc).__name__}: {exc})") from None
     return header
+
+
+class _opened:
+    """safe_open whose failures (a damaged or truncated file) are one ValueError naming the file."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __enter__(self):
+        from safetensors import safe_open
+
+        try:
+            self.handle = safe_open(str(self.path), framework="pt")
+            return self.handle.__enter__()
+        except Exception as exc:  # noqa: BLE001 - safetensors raises its own SafetensorError
+            raise ValueError(f"{self.path}: not a readable safetensors file ({exc})") from None
+
+    def __exit__(self, *exc):
+        return self.handle.__exit__(*exc)
 
 
 def load_compressed(path: str | os.PathLike):
     """Read a TSV-C file written by ``save_compressed`` back into a ``CompressedTasks``."""
-    from safetensors import safe_open
-
     path = Path(path)
     header = read_compressed_header(path)
     num_tasks = int(header["num_tasks"])
     factors, others, shapes, dtypes = {}, {}, {}, {}
-    with safe_open(str(path), framework="pt") as handle:
+    with _opened(path) as handle:
         for key, info in header["keys"].items():
             shapes[key] = tuple(info["shape"])
             dtypes[key] = parse_dtype(info["dtype"])
