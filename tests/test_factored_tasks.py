@@ -231,6 +231,24 @@ def test_adapters_are_never_densified(lora_inputs, monkeypatch):
         assert max(adapter.ranks.values()) == 5, method
 
 
+def test_a_merged_adapter_in_the_output_dtype(lora_inputs, tmp_path):
+    """out_dtype (--out-dtype) holds for a merged adapter too: its factors and whole weights."""
+    base, floats, fts, paths = lora_inputs
+    adapter = tsv_fast.lora_tsv_merge(base, paths, output="adapter", out_dtype=torch.bfloat16)
+    assert {t.dtype for t in adapter.tensors.values()} == {torch.bfloat16}
+    want = tsv_fast.lora_tsv_merge(base, paths, output="adapter", compute_dtype=F64)
+    got = {k: t.double() for k, t in adapter.tensors.items()}
+    assert got.keys() == want.tensors.keys()
+    for key, tensor in want.tensors.items():  # each update B A (factors: up to signs), whole weights as they are
+        if "_A" in key:
+            continue
+        pair = key.replace("_B", "_A")
+        if "_B" in key:
+            assert_rel_close(key, got[key] @ got[pair], tensor @ want.tensors[pair], 1e-2)
+        else:
+            assert_rel_close(key, got[key], tensor, 1e-2)
+
+
 def test_a_library_reads_only_the_chosen_tasks(tiny, tmp_path):
     """Merging tasks 1 and 3 of a 4-task file reads their stored tensors once each, nothing of the others."""
     pre, fts, _, _ = tiny

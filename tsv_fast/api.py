@@ -204,7 +204,7 @@ def lora_tsv_merge(pretrained, adapters: Sequence, *, method: str | Method = "ts
     if output == "adapter" and sink is None:
         from .io.peft_out import AdapterSink
 
-        sink = AdapterSink(tasks, max_rank=max_rank)
+        sink = AdapterSink(tasks, max_rank=max_rank, dtype=options.out_dtype)
     # STI comes with the report: the stacks are only Σ rₜ wide, so it costs next to nothing here
     result, report = run(AdapterTasks(base, tasks), method, options, sink, compute_sti=True,
                          low_rank=output == "adapter")
