@@ -12,6 +12,7 @@ import typer
 from .app import app
 from .common import CliError, guard_outputs, lora_models, open_all, run_command, summary
 from .config import KEYS, MergeJob, _typed, load_config
+from .ranks import parse_shard, rank_summary, write_model
 
 
 @app.command()
@@ -37,6 +38,7 @@ def merge(
     report: Optional[Path] = typer.Option(None, help="Write a JSON report: per-layer rank k, conditioning and STI."),
     progress: bool = typer.Option(True, help="Show progress bars."),
     exact: bool = typer.Option(False, "--exact", help="The authors' full-SVD route (one SVD per task, Procrustes by SVD) in the compute dtype: their numerics, about 2.5x slower."),
+    shard: Optional[str] = typer.Option(None, help="Write only part I of N (0 <= I < N) of the output, for job arrays without a rendezvous; then `tsv-fast finalize OUTPUT`."),
 ):
     """Merge fine-tuned checkpoints (or PEFT LoRA adapters) into one model, streamed to safetensors.
 
@@ -49,6 +51,9 @@ def merge(
 
     Or with a YAML config (keys: base_model, models, merge_method, parameters, alpha, rank_fraction,
     exclude, dtype, out_dtype, device, max_shard_size, backend, output, exact):  tsv-fast merge -c merge.yaml
+
+    Several processes:  torchrun --nproc-per-node 8 -m tsv_fast merge ...  (one rank per GPU or core),
+    or N independent jobs  tsv-fast merge ... --shard I/N  then  tsv-fast finalize OUTPUT
     """
     def body():
         job = load_config(config) if config else MergeJob()
@@ -71,7 +76,15 @@ def merge(
             raise CliError("no output: pass --output PATH (or output: in the config)")
         if not job.models:
             raise CliError("no fine-tuned models given (pass paths, or models: in the config)")
-        return run_merge_command(job, report_path=report, progress=progress)
+        part = parse_shard(shard)
+        if part is not None and report is not None:
+            raise CliError("--report needs the whole merge; a --shard part sees only its own layers")
+        from ..engine.distributed import launched
+
+        with launched(job.get("device")) as (dist, rank_device):
+            if dist is not None and rank_device is not None:
+                job.values["device"] = rank_device
+            return run_merge_command(job, report_path=report, progress=progress, dist=dist, shard=part)
 
     run_command(body)
 
@@ -109,12 +122,11 @@ def job_options(job: MergeJob, progress: bool):
 
 
 def run_merge_command(job: MergeJob, *, report_path: Optional[Path] = None, progress: bool = True,
-                      quiet: bool = False):
-    """The merge behind ``tsv-fast merge`` and ``tsv-fast demo``: returns (output path, Report)."""
+                      quiet: bool = False, dist=None, shard=None):
+    """The merge behind ``tsv-fast merge`` and ``tsv-fast demo``: returns (output path, Report).
+    ``dist``: this rank of a torchrun job (engine.distributed); ``shard``: one --shard part."""
     from .. import __version__
-    from ..engine.run import run
     from ..engine.sources import DenseTasks
-    from ..io.sink import SafetensorsSink
     from ..io.sources import checkpoint_nbytes, open_checkpoint
 
     started = time.perf_counter()
@@ -136,8 +148,9 @@ def run_merge_command(job: MergeJob, *, report_path: Optional[Path] = None, prog
         pre, fts = open_all(Path(job.base_model), [Path(m) for m in job.models], allow_pickle)
         source = DenseTasks(pre, fts, job.weights)
     out_dtype = job.get("out_dtype")
-    sink = SafetensorsSink(
-        job.output, max_shard_bytes=job.get("max_shard_size"), inputs=[job.base_model, *job.models],
+    quiet = quiet or (dist is not None and dist.rank > 0)  # rank 0 speaks for the run
+    sink_args = dict(
+        max_shard_bytes=job.get("max_shard_size"), inputs=[job.base_model, *job.models],
         expected_bytes=checkpoint_nbytes(pre, out_dtype), out_dtype=out_dtype,
         extra_metadata={"rank_rule": "k = int(min(m, n) * rank_fraction) per task, rank_fraction = 1/T by default",
                         "T": str(source.num_tasks), "dtype": str(out_dtype or _main_dtype(pre)).replace("torch.", ""),
@@ -147,12 +160,16 @@ def run_merge_command(job: MergeJob, *, report_path: Optional[Path] = None, prog
                         **({"weights": json.dumps(job.weights)} if job.weights else {})})
     if not quiet:
         kind = "LoRA adapters" if lora else "models"
-        typer.echo(f"merging {source.num_tasks} {kind} into {job.output} with {method.name} (base {pre.name})")
-    out_path, rep = run(source, method, options, sink, compute_sti=method.name == "tsv-m")
-    if report_path is not None:
+        where = (f" on {dist.world} ranks" if dist is not None else
+                 f" (part {shard.index} of {shard.count})" if shard is not None else "")
+        typer.echo(f"merging {source.num_tasks} {kind} into {job.output} with {method.name}{where} (base {pre.name})")
+    out_path, rep = write_model(job.output, sink_args, source, method, options, dist=dist, shard=shard,
+                                compute_sti=method.name == "tsv-m")
+    if report_path is not None and (dist is None or dist.rank == 0):
         write_report(report_path, rep, inputs=[job.base_model, *job.models])
     if not quiet:
         summary(started, Path(out_path))
+        rank_summary(rep)
     return Path(out_path), rep
 
 
@@ -170,7 +187,8 @@ def write_report(path: Path, rep, inputs=()) -> None:
                     "kappa_v": _finite(layer.kappa_v), "rank_u": layer.rank_u, "rank_v": layer.rank_v,
                     "sti": _finite(layer.sti)} for key, layer in rep.layers.items()}
     data = {"method": rep.method, "backend": rep.backend, "num_tasks": rep.num_tasks, "seconds": rep.seconds,
-            "layers": layers, "averaged": rep.averaged, "zero_rank": rep.zero_rank, "zero_delta": rep.zero_delta}
+            "layers": layers, "averaged": rep.averaged, "zero_rank": rep.zero_rank, "zero_delta": rep.zero_delta,
+            **({"ranks": rep.ranks} if rep.ranks else {})}
     write_file(path, json.dumps(data, indent=2), inputs=inputs, what="report")
 
 

@@ -33,7 +33,9 @@ def interference(
     """Singular Task Interference per layer: STI = ||(U^T U - I) S (V^T V - I)||_1 (paper Eq. 7)."""
     def body():
         from ..api import interference as sti_of
+        from ..engine.distributed import launched
         from ..methods.sti import per_block
+        from . import ranks
 
         started = time.perf_counter()
         inputs = [base, *models]
@@ -42,8 +44,12 @@ def interference(
         if heatmap is not None and layer is not None and layer not in pre.keys():
             raise CliError(f"layer {layer!r} not found in {pre.name}")
         excl = tuple(exclude) if exclude else ("text_projection",)
-        per_layer = sti_of(pre, fts, rank_fraction=rank_fraction, exclude=excl, orthogonalized=orthogonalized,
-                           device=device, progress=True, exact=exact)
+        with launched(device) as (dist, rank_device):  # torchrun: the layers split over the ranks
+            settings = dict(rank_fraction=rank_fraction, exclude=excl, orthogonalized=orthogonalized,
+                            device=rank_device, progress=True, exact=exact)
+            per_layer = sti_of(pre, fts, **settings) if dist is None else ranks.interference(dist, pre, fts, **settings)
+        if per_layer is None:  # another rank than 0: rank 0 writes the gathered scores
+            return
         blocks = per_block(per_layer)
         similarity = None
         if heatmap is not None:

@@ -30,13 +30,21 @@ def compress(
         from ..api import compress as tsv_compress
         from ..io.tsvc import save_compressed
 
+        from ..engine.distributed import launched
+        from . import ranks
+
         started = time.perf_counter()
         guard_outputs([base, *models], output)  # before any work
         pre, fts = open_all(base, list(models), allow_pickle)
-        packed = tsv_compress(pre, fts, rank_fraction=rank_fraction,
-                              exclude=tuple(exclude) if exclude else ("text_projection",),
-                              backend=backend, device=device, storage_dtype=parse_dtype_option(storage_dtype),
-                              progress=True, exact=exact)
+        with launched(device) as (dist, rank_device):  # torchrun: the layers split over the ranks
+            settings = dict(rank_fraction=rank_fraction, exclude=tuple(exclude) if exclude else ("text_projection",),
+                            backend=backend, device=rank_device, progress=True, exact=exact)
+            if dist is None:
+                packed = tsv_compress(pre, fts, storage_dtype=parse_dtype_option(storage_dtype), **settings)
+            else:
+                packed = ranks.compress(dist, pre, fts, parse_dtype_option(storage_dtype), **settings)
+        if packed is None:  # another rank than 0: rank 0 writes the gathered library
+            return
         packed.metadata.update({"base_model": base.name, "models": json.dumps([m.name for m in models])})
         storage = save_compressed(output, packed, inputs=[base, *models])
         typer.echo(f"stored {storage['stored_numbers']:,} numbers for {len(fts)} tasks instead of "
