@@ -14,6 +14,7 @@ batched product differently for another batch size (a reordered float32 sum).
 from __future__ import annotations
 
 import json
+import math
 import multiprocessing
 import os
 import socket
@@ -24,16 +25,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from tsv_fast import io, synthetic
 from tsv_fast.cli import app
+from tsv_fast.engine.distributed import every_key_once
 from tsv_fast.engine.partition import Part, Stopped, assign, balance, key_costs
 from tsv_fast.engine.plan import make_plan
 from tsv_fast.engine.run import run
 from tsv_fast.engine.sources import DenseTasks
 from tsv_fast.io.checkpoint import DictCheckpoint, DictSink
 from tsv_fast.io.outputs import STAGING_PREFIX, Output, safetensors_metadata
+from tsv_fast.io.sink import Staged
 from tsv_fast.io.tsvc import load_compressed, read_compressed_header
 from tsv_fast.methods import get_method
 from tsv_fast.options import Options, is_merged_as_matrix
@@ -143,10 +147,25 @@ def opened(output: Path):
     return io.open_checkpoint(output if output.is_dir() or not index_of(output).is_file() else index_of(output))
 
 
+def stored_keys(output: Path) -> list[str]:
+    """Every key of every weight file the output left on disk (a key stored twice appears twice)."""
+    if output.is_dir():
+        files = sorted(output.glob("*.safetensors"))
+    else:
+        stem = output.name[: -len(".safetensors")]
+        files = sorted({*output.parent.glob(f"{stem}-*-of-*.safetensors"), *([output] if output.is_file() else [])})
+    keys = []
+    for file in files:
+        with safe_open(str(file), "pt") as f:
+            keys += list(f.keys())
+    return keys
+
+
 def assert_same_model(got: Path, want: Path) -> None:
-    """Same keys, same tensors (bitwise where computed key by key), the same metadata in every file."""
+    """Same keys, each stored once, same tensors (bitwise where computed key by key), the same
+    metadata in every file."""
     a, b = opened(got), opened(want)
-    assert sorted(a.keys()) == sorted(b.keys())
+    assert sorted(a.keys()) == sorted(b.keys()) == sorted(stored_keys(got))  # every key written exactly once
     for key in b.keys():
         x, y = a.load(key), b.load(key)
         assert x.dtype == y.dtype and x.shape == y.shape, key
@@ -218,6 +237,45 @@ def test_a_part_reads_and_writes_only_its_keys():
     result, _ = run(source, get_method("tsv-m"), Options(), DictSink(), part=part)
     mine = {key for key, index in part.assignment.items() if index == 1}
     assert mine and set(result) == mine and loaded <= mine
+
+
+def test_a_part_holds_at_most_its_chunk_budget(monkeypatch):
+    """A part loads chunks of its own keys only, each within the memory budget (the float64 working set
+    of L layers x T tasks, as the engine budgets it), in fewer chunks than the whole plan needs."""
+    monkeypatch.setitem(synthetic.LAYOUTS, "_vit6", lambda: synthetic._vit_layout(64, 6, 4, 4, 32))  # 6 blocks
+    pre, fts = synthetic.checkpoints("_vit6", 3)
+    loads: list[tuple[tuple[str, ...], int, int]] = []
+    original = DenseTasks._load
+
+    def recording(self, job, device):
+        tasks = max(t1 - t0 for t0, t1 in job.batches)  # a layer too large for the budget: tasks in batches
+        per_matrix = math.prod(job.shape) * 8 * 3
+        loads.append((job.keys, len(job.keys) * tasks * per_matrix, per_matrix))
+        return original(self, job, device)
+
+    monkeypatch.setattr(DenseTasks, "_load", recording)
+    source = lambda: DenseTasks(DictCheckpoint(pre), [DictCheckpoint(ft) for ft in fts])  # noqa: E731
+    budget = 3 * 64 * 64 * 8 * 3  # one 64 x 64 layer's T = 3 tasks: c_fc (256 x 64) in task batches
+    run(source(), get_method("tsv-m"), Options(max_chunk_bytes=budget), DictSink())
+    whole, loads[:] = len(loads), []
+    part = Part(1, 2)
+    run(source(), get_method("tsv-m"), Options(max_chunk_bytes=budget), DictSink(), part=part)
+    mine = {key for key, index in part.assignment.items() if index == 1}
+    # the budget, or one matrix where a single one exceeds it (c_fc: its tasks one at a time)
+    assert loads and all(set(keys) <= mine and size <= max(budget, one) for keys, size, one in loads), (loads, budget)
+    assert len(loads) < whole
+
+
+def test_a_key_written_twice_or_by_no_rank_is_never_committed():
+    part = Part(0, 2, assignment={"a": 0, "b": 1, "c": 1})
+    shards = [Staged("s0", ["a"], 4), Staged("s1", ["b", "c"], 8)]
+    assert every_key_once(shards, part) == shards
+    with pytest.raises(RuntimeError, match="'b' was written 2 times"):
+        every_key_once([*shards, Staged("s2", ["b"], 4)], part)
+    with pytest.raises(RuntimeError, match="'c' was written by no rank"):
+        every_key_once([Staged("s0", ["a"], 4), Staged("s1", ["b"], 4)], part)
+    with pytest.raises(RuntimeError, match="outside the plan"):
+        every_key_once([*shards, Staged("s2", ["d"], 4)], part)
 
 
 def test_a_stop_request_ends_the_run_before_the_next_chunk():

@@ -183,13 +183,29 @@ def run_to_files(dist: Dist, source, method, options, make_sink: Callable[..., o
         (staged, metadata), report = outcome(dist, lambda: run(source, method, options, _RankSink(sink), part=part,
                                                                 **run_args))
         everyone = dist.gather((staged, report, _usage(report)))
-        path = outcome(dist, lambda: sink.commit([s for ss, _, _ in everyone for s in ss], metadata)
-                       if dist.rank == 0 else None)
+        path = outcome(dist, lambda: sink.commit(every_key_once([s for ss, _, _ in everyone for s in ss], part),
+                                                 metadata) if dist.rank == 0 else None)
     except BaseException:
         if sink is not None:
             sink.abort()  # rank 0: the staging folder and the lock; the others: their own files
         raise
     return Path(dist.broadcast(str(path))), (combined(part, everyone) if dist.rank == 0 else report)
+
+
+def every_key_once(staged: list, part: Part) -> list:
+    """``staged`` (every rank's shards), checked to hold each key of the plan exactly once: a key
+    written twice or by no rank is never committed."""
+    seen: dict[str, int] = {}
+    for shard in staged:
+        for key in shard.keys:
+            seen[key] = seen.get(key, 0) + 1
+    twice = sorted(key for key, count in seen.items() if count > 1)
+    missing = sorted(set(part.assignment) - set(seen))
+    if twice or missing or len(seen) != len(part.assignment):
+        what = (f"key {twice[0]!r} was written {seen[twice[0]]} times" if twice else
+                f"key {missing[0]!r} was written by no rank" if missing else "the ranks wrote keys outside the plan")
+        raise RuntimeError(f"the ranks' shards do not hold every key of the plan once: {what}")
+    return staged
 
 
 class _Recorder(Sink):
@@ -215,6 +231,8 @@ def run_gathered(dist: Dist, source, method, options, make_sink: Callable[[], Si
 
     def replay():
         merged = {key: value for outs, _, _ in everyone for key, value in outs.items()}
+        if len(merged) != sum(len(outs) for outs, _, _ in everyone):
+            raise RuntimeError("two ranks computed the same key: the ranks disagree on the plan's split")
         sink = make_sink()
         try:
             for key in part.order:
