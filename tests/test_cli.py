@@ -138,6 +138,9 @@ def test_merge_methods_from_flags_and_config(tiny, tmp_path):
     ("models: [{path: a.safetensors}]", ["models[0]", "'model' key"]),
     ("models: [{model: a.safetensors, parameters: {density: 0.5}}]", ["models[0].parameters", "density", "weight"]),
     ("base_model: [unclosed", ["not valid YAML", "line 3"]),
+    ("missing_keys: maybe", ["missing_keys", "base, zero, error"]),
+    ("copy_configs: 'no'", ["copy_configs", "true or false"]),
+    ("dtype: float16", ["dtype", "float32, float64"]),
 ])
 def test_config_keys_are_typed(tmp_path, line, words):
     """Every key is known and typed: a quoted 'false' never turns unpickling on, a typo inside
@@ -203,15 +206,23 @@ def test_convert_needs_the_opt_in_for_pickles(tmp_path):
 
 def test_demo_tiny(tmp_path):
     result = cli("demo", "--layout", "tiny-vit", "--tasks", 3, "--dir", tmp_path / "inputs",
-                 "--output", tmp_path / "merged.safetensors")
+                 "--output", tmp_path / "merged.safetensors", "--no-progress")
     assert result.returncode == 0, result.stderr
     assert "STI" in result.stdout and f"merged file: {tmp_path / 'merged.safetensors'}" in result.stdout
-    merged = load_file(str(tmp_path / "merged.safetensors"))
+    # the checkpoints it wrote one at a time are synthetic.checkpoints', and so is the merge
     pre, fts = synthetic.checkpoints("tiny-vit", 3)
+    written = [load_file(str(tmp_path / "inputs" / name)) for name in
+               ["pretrained.safetensors", *(f"finetuned_{i}.safetensors" for i in range(3))]]
+    assert all(torch.equal(w[k], sd[k]) for w, sd in zip(written, [pre, *fts]) for k in sd)
+    merged = load_file(str(tmp_path / "merged.safetensors"))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         expected = tsv_merge(pre, fts)
     assert same(merged, expected)
+    # the peak beside the inputs, and the TSV-C share that `compress` really stores for these tasks
+    assert "4 checkpoints of" in result.stdout and "of the inputs)" in result.stdout
+    ratio = compress(pre, fts).storage()["ratio"]
+    assert f"TSV-C of these tasks (tsv-fast compress) stores {ratio:.1%} of the dense task vectors" in result.stdout
 
 
 def test_python_dash_m_and_version():

@@ -174,3 +174,82 @@ def test_identical_finetunes_in_float32_merge_to_that_task(route):
     u, s, v = reference.topk_svd_ref(delta.double(), 64)
     got = reference.fast_tsv_merge(tvs)["w"] if route == "reference" else tsv_fast.fast_tsv_merge(tvs, exact=True)["w"]
     assert_rel_close(f"{route}: identical float32 fine-tunes", got, (u * s) @ v.mT, 1e-4)
+
+
+# ------------------------------------------------------------------------------------------------
+# Keys present in some checkpoints only (Options.missing_keys)
+# ------------------------------------------------------------------------------------------------
+def test_a_buffer_only_the_base_has_comes_from_it_with_a_warning():
+    """The old `embeddings.position_ids` (int64) saved in a base but not in today's fine-tunes."""
+    pre, fts = make_models()
+    want = tsv_fast.tsv_merge(pre, fts)
+    pre["embeddings.position_ids"] = torch.arange(12).unsqueeze(0)
+    with pytest.warns(UserWarning, match=r"come from the pretrained checkpoint: \['embeddings.position_ids'\]"):
+        merged = tsv_fast.tsv_merge(pre, fts)
+    assert torch.equal(merged["embeddings.position_ids"], pre["embeddings.position_ids"])
+    assert all(torch.equal(merged[k], v) for k, v in want.items())
+    with pytest.raises(ValueError, match=r"checkpoint 0 .*missing keys \['embeddings.position_ids'\]"):
+        tsv_fast.tsv_merge(pre, fts, missing_keys="error")
+
+
+def test_ignorable_keys_only_the_finetunes_have_are_left_out():
+    pre, fts = make_models()
+    want = tsv_fast.tsv_merge(pre, fts)
+    for ft in fts:  # float buffers transformers drops for every model (old LLaMA checkpoints)
+        ft["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.rand(8)
+    with pytest.warns(UserWarning, match=r"left out of the output: \['model.layers.0.self_attn.rotary_emb.inv_freq'\]"):
+        merged = tsv_fast.tsv_merge(pre, fts)
+    assert merged.keys() == want.keys() and all(torch.equal(merged[k], v) for k, v in want.items())
+
+
+def test_the_ignore_patterns_of_the_model_class_come_from_transformers(tmp_path):
+    """GPT-2's `attn.bias` (a float mask buffer older checkpoints saved) is ignorable because
+    transformers' GPT2LMHeadModel lists it; without the folder's config.json it is an ordinary
+    float key, and a fine-tune that lacks it is refused."""
+    pytest.importorskip("transformers")
+    from safetensors.torch import save_file
+
+    pre, fts = make_models()
+    pre["h.0.attn.bias"] = torch.tril(torch.ones(1, 1, 4, 4))
+    paths = []
+    for i, sd in enumerate([pre, *fts]):
+        folder = tmp_path / f"m{i}"
+        folder.mkdir()
+        save_file(sd, str(folder / "model.safetensors"))
+        paths.append(folder)
+    with pytest.raises(ValueError, match=r"missing keys \['h.0.attn.bias'\].*--missing-keys zero"):
+        tsv_fast.tsv_merge(paths[0], paths[1:])
+    (paths[0] / "config.json").write_text('{"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}')
+    with pytest.warns(UserWarning, match=r"h.0.attn.bias"):
+        merged = tsv_fast.tsv_merge(paths[0], paths[1:])
+    assert torch.equal(merged["h.0.attn.bias"], pre["h.0.attn.bias"])
+
+
+def test_missing_keys_zero_counts_a_missing_key_as_a_zero_task_vector():
+    pre, fts = make_models()
+    del fts[1]["layer.0.b"]
+    filled = [dict(ft) for ft in fts]
+    filled[1]["layer.0.b"] = pre["layer.0.b"].clone()  # what "zero task vector" means
+    with pytest.warns(UserWarning, match=r"zero task vectors: .*lacks \['layer.0.b'\]"):
+        merged = tsv_fast.tsv_merge(pre, fts, missing_keys="zero")
+    want = tsv_fast.tsv_merge(pre, filled)
+    assert all(torch.equal(merged[k], v) for k, v in want.items())
+    fts[2]["extra.w"] = torch.randn(3, 3)  # a key the base lacks has no pretrained value: refused still
+    with pytest.raises(ValueError, match=r"checkpoint 2 .*unexpected keys \['extra.w'\]"):
+        tsv_fast.tsv_merge(pre, fts, missing_keys="zero")
+    with pytest.raises(ValueError, match="missing_keys must be one of base, zero, error"):
+        tsv_fast.tsv_merge(pre, fts, missing_keys="ignore")
+
+
+def test_out_dtype_rounds_once_to_the_asked_dtype():
+    """float64 outputs of float32 inputs keep the float64 computation's digits (the engine rounds
+    once, to the output dtype, instead of to the input's and then casting)."""
+    pre, fts = make_models()
+    double = lambda sd: {k: v.double() for k, v in sd.items()}  # noqa: E731
+    want = reference.tsv_merge(double(pre), [double(ft) for ft in fts], compute_dtype=torch.float64)
+    for exact in (False, True):
+        got = tsv_fast.tsv_merge(pre, fts, compute_dtype=torch.float64, out_dtype=torch.float64, exact=exact)
+        assert all(v.dtype == torch.float64 for v in got.values())
+        for key in want:  # a float32 rounding on the way would be ~1e-8 here
+            assert_rel_close(key, got[key], want[key], 1e-12)
+    assert tsv_fast.tsv_merge(pre, fts, out_dtype="bfloat16")["layer.0.b"].dtype == torch.bfloat16

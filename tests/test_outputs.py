@@ -193,3 +193,19 @@ def test_tsvc_and_reports_are_written_whole(models, tmp_path):
     io.write_file(tmp_path / "r.json", json.dumps({"a": 1}))
     assert (tmp_path / "r.json").is_file() and (tmp_path / "t.tsvc").is_file()
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder, no lock
+
+
+def test_an_aborted_output_leaves_no_folder_it_created(tmp_path):
+    """A refused or interrupted output must not leave the folders made for it (an empty `merged/`
+    parent is the first thing a user would see)."""
+    out = outputs.Output(tmp_path / "a" / "b" / "merged.safetensors")
+    assert (tmp_path / "a" / "b").is_dir()
+    out.abort()
+    assert not (tmp_path / "a").exists()
+    (tmp_path / "kept").mkdir()
+    with pytest.raises(RuntimeError, match="refused"):
+        with outputs.Output(tmp_path / "kept" / "new" / "merged"):
+            raise RuntimeError("refused")
+    assert list(tmp_path.iterdir()) == [tmp_path / "kept"] and not any((tmp_path / "kept").iterdir())
+    written = outputs.write_file(tmp_path / "c" / "d" / "sti.json", "{}")
+    assert written.read_text() == "{}" and sorted(p.name for p in (tmp_path / "c" / "d").iterdir()) == ["sti.json"]

@@ -43,7 +43,8 @@ def merge(pretrained, finetuned: Sequence, *, method: str | Method = "tsv-m", we
     """Merged weights W_pre + α·M of T fine-tuned models with any merge method.
 
     Args:
-        pretrained: state dict, nn.Module or checkpoint path (safetensors file, model folder, .pt/.bin).
+        pretrained: state dict, nn.Module, checkpoint path (safetensors file, model folder, .pt/.bin) or
+            Hugging Face model id ("org/name", "org/name@revision"; a path that exists wins).
         finetuned: T of the same kind.
         method: "tsv-m" (default), "iso-c", "iso-cts", "ta" (Task Arithmetic), or a Method object.
         weights: per-task scale of each task vector before anything else (default 1).
@@ -65,7 +66,8 @@ def tsv_merge(pretrained, finetuned: Sequence, *, sink: Sink | None = None, opti
     """TSV-M merged weights W_pre + α·M (α = 1.0 by default, the paper's). Inputs as in ``merge``.
 
     Keywords: any field of tsv_fast.Options (alpha, rank_fraction, rank_overrides, min_rank, exclude,
-    compute_dtype, backend, device, max_chunk_bytes, progress, exact). Inputs are never modified.
+    compute_dtype, backend, device, max_chunk_bytes, progress, exact, out_dtype, missing_keys).
+    Inputs may be Hugging Face model ids ("org/name@rev"); they are never modified.
     """
     return merge(pretrained, finetuned, method="tsv-m", sink=sink, options=options, return_report=return_report,
                  **keywords)

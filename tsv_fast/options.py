@@ -18,6 +18,8 @@ import torch
 
 COMPUTE_DTYPES = (torch.float32, torch.float64)
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+#: What a key present in some checkpoints only means (Options.missing_keys), see DenseTasks.check.
+MISSING_KEYS = ("base", "zero", "error")
 _DTYPE_ALIASES = {"fp32": "float32", "f32": "float32", "float": "float32", "fp16": "float16", "f16": "float16",
                   "half": "float16", "bf16": "bfloat16", "fp64": "float64", "f64": "float64", "double": "float64"}
 
@@ -44,6 +46,24 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def check_device(device: str | torch.device) -> str:
+    """``device`` as a string, or ValueError in one line when it is malformed or absent (CUDA asked
+    for on a machine without it), so a run fails before it reads anything."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device {str(device)!r} is not a device name; use cpu, cuda or cuda:1") from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            why = ("this torch build has no CUDA support" if torch.version.cuda is None
+                   else "no CUDA device is visible (driver, CUDA_VISIBLE_DEVICES)")
+            raise ValueError(f"device {str(device)!r}: CUDA is not available here ({why}); use cpu")
+        count = torch.cuda.device_count()
+        if parsed.index is not None and parsed.index >= count:
+            raise ValueError(f"device {str(device)!r}: only {count} CUDA device(s) are visible")
+    return str(device)
+
+
 @dataclass
 class Options:
     """Options of a merge (TSV-M, Iso-C, Iso-CTS, Task Arithmetic), TSV-C and STI.
@@ -60,6 +80,12 @@ class Options:
         max_chunk_bytes: working memory of one chunk of same-shape layers (inputs + float64 buffers).
         progress: show progress bars.
         exact: the authors' full-SVD route (one SVD per task, Procrustes by SVD) in compute_dtype.
+        out_dtype: dtype of floating outputs (None: each key's dtype in the base); the engine rounds
+            once, to this dtype, so float64 keeps a float64 computation's digits.
+        missing_keys: a key present in some checkpoints only: "base" (default: buffers and keys
+            transformers ignores on load come from the base, with a warning; other keys are
+            refused), "zero" (also: a key a fine-tune lacks is a zero task vector for it) or
+            "error" (every difference is refused).
     """
 
     alpha: float = 1.0
@@ -73,6 +99,8 @@ class Options:
     max_chunk_bytes: int = 256 << 20
     progress: bool = False
     exact: bool = False
+    out_dtype: torch.dtype | None = None
+    missing_keys: str = "base"
 
     def __post_init__(self) -> None:
         for name in ("progress", "exact"):
@@ -97,7 +125,10 @@ class Options:
             value = getattr(self, name)
             if value is not None and not isinstance(value, (str, torch.device)):
                 raise TypeError(f"option {name} must be a string, got {value!r}")
-        self.device = None if self.device is None else str(self.device)
+        self.device = None if self.device is None else check_device(self.device)
+        self.out_dtype = parse_dtype(self.out_dtype, floating=True)
+        if self.missing_keys not in MISSING_KEYS:
+            raise ValueError(f"option missing_keys must be one of {', '.join(MISSING_KEYS)}, got {self.missing_keys!r}")
         self.rank_overrides = _overrides(self.rank_overrides)
 
     @classmethod
@@ -165,5 +196,5 @@ def _overrides(value) -> dict[str, float | int] | None:
     return out
 
 
-__all__ = ["Options", "parse_dtype", "dtype_name", "rank_per_task", "is_merged_as_matrix", "COMPUTE_DTYPES",
+__all__ = ["Options", "parse_dtype", "dtype_name", "check_device", "MISSING_KEYS", "rank_per_task", "is_merged_as_matrix", "COMPUTE_DTYPES",
            "FLOAT_DTYPES"]

@@ -360,5 +360,5 @@ def warn_zero_rank(keys: Sequence[str]) -> None:
     if keys:
         shown = ", ".join(keys[:8]) + (f" and {len(keys) - 8} more" if len(keys) > 8 else "")
         warnings.warn(f"{len(keys)} matrix layer(s) have min(m, n) * rank_fraction < 1, so k = 0 and they "
-                      f"get no matrix update (as in the authors' code): {shown}. Pass min_rank=1 to keep "
-                      f"at least one singular triplet per task.", stacklevel=3)
+                      f"get no matrix update (as in the authors' code): {shown}. Pass min_rank=1 (command line: "
+                      f"--min-rank 1, YAML: min_rank: 1) to keep at least one singular triplet per task.", stacklevel=3)

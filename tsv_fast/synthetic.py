@@ -6,7 +6,9 @@ are parameters here, so every spectrum class of DESIGN.md §5 can be generated.
 """
 from __future__ import annotations
 
+import hashlib
 import math
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor
@@ -147,32 +149,42 @@ class LayoutCheckpoint(Checkpoint):
         raise NotImplementedError(f"{self.name} is a layout without data")
 
 
-def checkpoints(name: str, num_tasks: int, *, seed: int = 0, shared: float = 0.3, delta_scale: float = 1e-2,
-                delta_rank: int | None = 64, dtype: torch.dtype = torch.float32
-                ) -> tuple[dict[str, Tensor], list[dict[str, Tensor]]]:
-    """A pretrained state dict and T fine-tunes of layout ``name``, cheap enough for real shapes.
+def checkpoint(name: str, task: int | None = None, *, seed: int = 0, shared: float = 0.3, delta_scale: float = 1e-2,
+               delta_rank: int | None = 64, dtype: torch.dtype = torch.float32) -> Iterator[tuple[str, Tensor]]:
+    """One checkpoint of layout ``name``, key by key: the pretrained one (``task=None``) or fine-tune
+    ``task``. Every key has its own random streams (seeded by seed, key and role), so one checkpoint
+    is made without the others and with one key in memory: exactly the tensors of ``checkpoints``.
 
     Matrix deltas are Gaussian factors of rank ``delta_rank`` (None: full) with geometrically decaying
-    weights and a ``shared`` fraction of a common subspace; other deltas are small Gaussian noise.
+    weights and a ``shared`` fraction of a subspace common to all tasks; other deltas are small
+    Gaussian noise.
     """
-    generator = torch.Generator().manual_seed(seed)
-    shapes = layout(name)
-    pretrained = {key: torch.randn(shape, generator=generator) * 0.02 for key, shape in shapes.items()}
-    finetuned: list[dict[str, Tensor]] = [{} for _ in range(num_tasks)]
     a, b = math.sqrt(shared), math.sqrt(1.0 - shared)
-    for key, shape in shapes.items():
-        base = pretrained[key]
+    for key, shape in layout(name).items():
+        base = torch.randn(shape, generator=_stream(seed, key, "base")) * 0.02
+        if task is None:
+            yield key, base.to(dtype)
+            continue
+        own = _stream(seed, key, f"task {task}")
         if len(shape) == 2:
             m, n = shape
             r = min(m, n) if delta_rank is None else min(delta_rank, m, n)
             weights = (0.95 ** torch.arange(r)) * (delta_scale / math.sqrt(r))
-            common_l = torch.randn(m, r, generator=generator)
-            common_r = torch.randn(r, n, generator=generator)
-            for i in range(num_tasks):
-                left = a * common_l + b * torch.randn(m, r, generator=generator)
-                right = b * torch.randn(r, n, generator=generator) + a * common_r
-                finetuned[i][key] = (base + (left * weights) @ right).to(dtype)
+            common = _stream(seed, key, "common")
+            common_l, common_r = torch.randn(m, r, generator=common), torch.randn(r, n, generator=common)
+            left = a * common_l + b * torch.randn(m, r, generator=own)
+            right = b * torch.randn(r, n, generator=own) + a * common_r
+            yield key, (base + (left * weights) @ right).to(dtype)
         else:
-            for i in range(num_tasks):
-                finetuned[i][key] = (base + delta_scale * torch.randn(shape, generator=generator)).to(dtype)
-    return {key: value.to(dtype) for key, value in pretrained.items()}, finetuned
+            yield key, (base + delta_scale * torch.randn(shape, generator=own)).to(dtype)
+
+
+def checkpoints(name: str, num_tasks: int, **options) -> tuple[dict[str, Tensor], list[dict[str, Tensor]]]:
+    """A pretrained state dict and T fine-tunes of layout ``name`` (``checkpoint`` for each, in memory;
+    the options are ``checkpoint``'s), cheap enough for real shapes."""
+    return dict(checkpoint(name, None, **options)), [dict(checkpoint(name, t, **options)) for t in range(num_tasks)]
+
+
+def _stream(seed: int, key: str, role: str) -> torch.Generator:
+    digest = hashlib.blake2b(f"{seed}/{key}/{role}".encode(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)

@@ -5,7 +5,7 @@ TSV-C libraries), ``sti`` (interference), ``tools`` (convert, demo, version), ``
 the three first under torchrun or as ``--shard`` parts). ``config`` reads merge
 configs, ``common`` holds what they share. ``app`` is the console script's entry point.
 """
-from . import merge, ranks, sti, tasks, tools  # noqa: F401 - each registers its commands on app
+from . import merge, mergekit, ranks, sti, tasks, tools  # noqa: F401 - each registers its commands on app
 from .app import app
 from .tools import main
 

@@ -13,6 +13,7 @@ app = typer.Typer(
           "state dicts. Run `tsv-fast COMMAND --help` for each command's options."),
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 
+
 def _interrupt_on_sigterm() -> None:
     """Treat SIGTERM (kill, a scheduler's time limit) like Ctrl-C, so the sink removes its temporaries."""
     import signal
@@ -26,6 +27,17 @@ def _interrupt_on_sigterm() -> None:
         pass
 
 
+def _one_line_warnings() -> None:
+    """Warnings as one line each (``warning: ...``), never the source line that raised them."""
+    import sys
+    import warnings
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        print(f"warning: {' '.join(str(message).split())}", file=file or sys.stderr)
+
+    warnings.showwarning = show
+
+
 @app.callback()
 def _setup(debug: bool = typer.Option(False, "--debug", help="Show the full traceback of a failure (for bug reports).")) -> None:
     from . import common
@@ -33,5 +45,6 @@ def _setup(debug: bool = typer.Option(False, "--debug", help="Show the full trac
     common.DEBUG = common.DEBUG or debug
     bound_heap_growth()
     _interrupt_on_sigterm()
+    _one_line_warnings()
 
 

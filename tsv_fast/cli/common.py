@@ -131,3 +131,53 @@ def guard_outputs(inputs, *outputs) -> None:
     for output in outputs:
         if output is not None:
             check_output(output, inputs)
+
+
+def local_inputs(models: list) -> list[str]:
+    """Every input as a local path, before anything heavy loads: a path that exists, or a Hugging
+    Face model id (``org/name[@revision]``, from the hub or its cache: ``io.hf.resolve_model``).
+    A name that is neither fails in one line before any id is fetched."""
+    from ..io.hf import is_hub_id, resolve_model
+
+    names = [str(m) for m in models]
+    for name in names:
+        if not Path(name).exists() and not is_hub_id(name):
+            raise CliError(f"checkpoint not found: {name}")
+    return [resolve_model(name) for name in names]
+
+
+def config_files(base, output, dtype: str, copy: bool = True) -> dict:
+    """The configs and tokenizer files of a base model folder for the output (``io.hf.loadable_files``,
+    config.json's dtype set to ``dtype``); a file output cannot hold them: one line says so."""
+    from ..io.hf import loadable_files
+
+    if not copy or base is None or not Path(base).is_dir():
+        return {}
+    files = loadable_files(base, dtype)
+    if files and Path(output).suffix == ".safetensors":
+        typer.echo(f"note: {output} is one file, so the configs and tokenizer files of {base} were not copied; "
+                   "write to a folder (-o merged/) for a model that from_pretrained loads", err=True)
+        return {}
+    return files
+
+
+def check_device(device: Optional[str]) -> None:
+    """A device that is absent (cuda without CUDA) or malformed fails in one line, before any work."""
+    if device is not None:
+        from ..options import check_device as check
+
+        check(device)
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """['*.attn.*=32', 'visual.proj=0.5'] -> {pattern: int rank or float fraction}."""
+    out = {}
+    for item in items:
+        pattern, sep, value = item.rpartition("=")
+        try:
+            out[pattern] = float(value) if "." in value else int(value)
+        except ValueError:
+            sep = ""
+        if not sep or not pattern:
+            raise CliError(f"--rank-override {item!r}: expected PATTERN=K (a rank) or PATTERN=0.25 (a fraction)")
+    return out

@@ -12,17 +12,25 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..io.hf import is_hub_id
+from ..methods import ALIASES as METHOD_ALIASES
+from ..methods import MERGE_METHODS as METHOD_CHOICES
 from .common import CliError, parse_size
 
 BACKENDS = ("auto", "torch", "triton", "cusolver")
-METHOD_CHOICES = ("tsv-m", "iso-c", "iso-cts", "ta")
-#: key -> kind; the kinds are checked by _typed
+MISSING_KEYS = ("base", "zero", "error")  # options.MISSING_KEYS, here without importing torch
+#: dtype spellings (as options.parse_dtype reads them) -> name; checked here before torch loads
+DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "f32": "float32", "float": "float32",
+               "float16": "float16", "fp16": "float16", "f16": "float16", "half": "float16",
+               "bfloat16": "bfloat16", "bf16": "bfloat16",
+               "float64": "float64", "fp64": "float64", "f64": "float64", "double": "float64"}
+#: key -> kind; the kinds are checked by typed_value
 KEYS = {
     "base_model": "path", "models": "models", "output": "path", "merge_method": "method",
     "alpha": "float", "rank_fraction": "fraction", "min_rank": "int", "rank_overrides": "overrides",
     "common_space_fraction": "unit", "exclude": "strings", "dtype": "compute_dtype", "out_dtype": "out_dtype",
     "device": "str", "backend": "backend", "max_shard_size": "size", "max_chunk_size": "size",
-    "allow_pickle": "bool", "exact": "bool",
+    "allow_pickle": "bool", "exact": "bool", "missing_keys": "missing_keys", "copy_configs": "bool",
 }
 ALIASES = {"method": "merge_method"}
 #: what may sit under `parameters:` (method parameters, mergekit-style)
@@ -77,21 +85,27 @@ def load_config(path: Path) -> MergeJob:
         key = ALIASES.get(raw_key, raw_key)
         if key not in KEYS:
             raise CliError(f"{path}: unknown key {raw_key!r}; allowed: {', '.join(sorted(KEYS))}, parameters")
-        typed = _typed(f"{path}: {raw_key}", KEYS[key], value)
+        typed = typed_value(f"{path}: {raw_key}", KEYS[key], value)
         if key == "models":
             job.models, job.weights = typed
         elif key in ("base_model", "output"):
             job.__setattr__(key, typed)
         else:
             job.values[key] = typed
-    # relative paths in a config are relative to the config file
-    resolve = lambda p: p if p is None or Path(p).is_absolute() else str(path.parent / p)  # noqa: E731
+    # relative paths in a config are relative to the config file; a model id stays an id unless a
+    # path of that name exists there
+    def resolve(p: str | None, model: bool = True) -> str | None:
+        if p is None or Path(p).is_absolute():
+            return p
+        local = path.parent / p
+        return p if model and not local.exists() and is_hub_id(p) else str(local)
+
     job.models = [resolve(m) for m in job.models]
-    job.base_model, job.output = resolve(job.base_model), resolve(job.output)
+    job.base_model, job.output = resolve(job.base_model), resolve(job.output, model=False)
     return job
 
 
-def _typed(where: str, kind: str, value):
+def typed_value(where: str, kind: str, value):
     """``value`` checked (and converted) as ``kind``; CliError naming the key, value and choices."""
     def bad(expected: str):
         return CliError(f"{where}: expected {expected}, got {value!r} ({type(value).__name__})")
@@ -122,25 +136,18 @@ def _typed(where: str, kind: str, value):
         if not isinstance(items, list) or not all(isinstance(v, str) for v in items):
             raise bad("a string or a list of strings")
         return items
-    if kind in ("method", "backend"):
-        choices = METHOD_CHOICES if kind == "method" else BACKENDS
-        from ..methods import ALIASES as METHOD_ALIASES
-
+    if kind in ("method", "backend", "missing_keys"):
+        choices = {"method": METHOD_CHOICES, "backend": BACKENDS, "missing_keys": MISSING_KEYS}[kind]
         name = METHOD_ALIASES.get(value, value) if kind == "method" and isinstance(value, str) else value
         if name not in choices:
             raise bad(f"one of {', '.join(choices)}")
         return name
-    if kind in ("compute_dtype", "out_dtype"):
-        from ..options import parse_dtype
-
-        try:
-            dtype = parse_dtype(value, floating=True) if isinstance(value, str) else None
-        except ValueError:
-            dtype = None
+    if kind in ("compute_dtype", "out_dtype"):  # the dtype's name; torch reads it later
+        name = DTYPE_NAMES.get(value.lower().removeprefix("torch."), None) if isinstance(value, str) else None
         allowed = ("float32", "float64") if kind == "compute_dtype" else ("float32", "float16", "bfloat16", "float64")
-        if dtype is None or str(dtype).removeprefix("torch.") not in allowed:
+        if name not in allowed:
             raise bad(f"one of {', '.join(allowed)}")
-        return dtype
+        return name
     if kind == "size":
         if isinstance(value, bool) or not isinstance(value, (int, str)):
             raise bad("a size such as 5GB, 500MB or a number of bytes")
@@ -152,7 +159,7 @@ def _typed(where: str, kind: str, value):
         if not isinstance(value, dict):
             raise bad("a mapping {glob pattern: rank (int) or fraction (float)}")
         for pattern, rank in value.items():
-            _typed(f"{where}.{pattern}", "int" if isinstance(rank, int) and not isinstance(rank, bool) else "fraction", rank)
+            typed_value(f"{where}.{pattern}", "int" if isinstance(rank, int) and not isinstance(rank, bool) else "fraction", rank)
         return dict(value)
     if kind == "models":
         return _models(where, value)
@@ -173,7 +180,7 @@ def _models(where: str, value) -> tuple[list[str], list[float] | None]:
         unknown = sorted(set(entry) - {"model", "parameters"})
         if unknown:
             raise CliError(f"{where}[{i}]: unknown key(s) {unknown}; a model entry has 'model' and 'parameters'")
-        models.append(_typed(f"{where}[{i}].model", "path", entry["model"]))
+        models.append(typed_value(f"{where}[{i}].model", "path", entry["model"]))
         params = entry.get("parameters") or {}
         if not isinstance(params, dict):
             raise CliError(f"{where}[{i}].parameters: expected a mapping, got {params!r}")
@@ -181,7 +188,7 @@ def _models(where: str, value) -> tuple[list[str], list[float] | None]:
         if unknown:
             raise CliError(f"{where}[{i}].parameters: unknown key(s) {unknown}; a model takes only "
                            f"{', '.join(MODEL_PARAMETERS)} (scales its task vector before factorisation)")
-        weights.append(_typed(f"{where}[{i}].parameters.weight", "float", params.get("weight", 1.0)))
+        weights.append(typed_value(f"{where}[{i}].parameters.weight", "float", params.get("weight", 1.0)))
     return models, (None if all(w == 1.0 for w in weights) else weights)
 
 

@@ -10,8 +10,9 @@ from typing import Optional
 import typer
 
 from .app import app
-from .common import CliError, guard_outputs, lora_models, open_all, run_command, summary
-from .config import KEYS, MergeJob, _typed, load_config
+from .common import (CliError, config_files, guard_outputs, local_inputs, lora_models, open_all, parse_overrides,
+                     run_command, summary)
+from .config import KEYS, MergeJob, load_config, typed_value
 from .ranks import parse_shard, rank_summary, write_model
 
 
@@ -37,7 +38,9 @@ def merge(
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow torch files that need unpickling (runs code from the file: trusted files only)."),
     report: Optional[Path] = typer.Option(None, help="Write a JSON report: per-layer rank k, conditioning and STI."),
     progress: bool = typer.Option(True, help="Show progress bars."),
-    exact: bool = typer.Option(False, "--exact", help="The authors' full-SVD route (one SVD per task, Procrustes by SVD) in the compute dtype: their numerics, about 2.5x slower."),
+    exact: bool = typer.Option(False, "--exact", help="The authors' full-SVD route (one SVD per task, Procrustes by SVD) in the compute dtype: their numerics, about 2.5x slower. With --dtype float64 it writes float64 unless --out-dtype says otherwise."),
+    missing_keys: Optional[str] = typer.Option(None, help="Keys some checkpoints lack: base (buffers and keys transformers ignores come from the base; others are refused), zero (a missing key is a zero task vector), error. Default: base."),
+    copy_configs: Optional[bool] = typer.Option(None, "--copy-configs/--no-copy-configs", help="Copy config.json (dtype set to the output's), generation config and tokenizer files of a base model folder into a folder output. Default: copy."),
     shard: Optional[str] = typer.Option(None, help="Write only part I of N (0 <= I < N) of the output, for job arrays without a rendezvous; then `tsv-fast finalize OUTPUT`."),
 ):
     """Merge fine-tuned checkpoints (or PEFT LoRA adapters) into one model, streamed to safetensors.
@@ -50,7 +53,11 @@ def merge(
     adapter_config.json; their SVDs come from the low-rank factors, never from dense deltas)
 
     Or with a YAML config (keys: base_model, models, merge_method, parameters, alpha, rank_fraction,
-    exclude, dtype, out_dtype, device, max_shard_size, backend, output, exact):  tsv-fast merge -c merge.yaml
+    exclude, dtype, out_dtype, device, max_shard_size, backend, output, exact, missing_keys,
+    copy_configs):  tsv-fast merge -c merge.yaml
+
+    Models may be paths or Hugging Face model ids (org/name or org/name@revision, fetched into the
+    hub cache; HF_HUB_OFFLINE=1 reads the cache only); a path that exists always wins.
 
     Several processes:  torchrun --nproc-per-node 8 -m tsv_fast merge ...  (one rank per GPU or core),
     or N independent jobs  tsv-fast merge ... --shard I/N  then  tsv-fast finalize OUTPUT
@@ -66,10 +73,10 @@ def merge(
                  "common_space_fraction": common_space_fraction, "exclude": list(exclude) if exclude else None,
                  "dtype": dtype, "out_dtype": out_dtype, "device": device, "max_shard_size": max_shard_size,
                  "backend": backend, "max_chunk_size": max_chunk_size, "allow_pickle": allow_pickle or None,
-                 "exact": exact or None}
+                 "exact": exact or None, "missing_keys": missing_keys, "copy_configs": copy_configs}
         for key, value in flags.items():
             if value is not None:
-                job.values[key] = _typed(f"--{key.replace('_', '-')}", KEYS[key], value)
+                job.values[key] = typed_value(f"--{key.replace('_', '-')}", KEYS[key], value)
         if not job.base_model:
             raise CliError("no base model: pass --base PATH (or base_model: in the config)")
         if not job.output:
@@ -89,20 +96,6 @@ def merge(
     run_command(body)
 
 
-def parse_overrides(items: list[str]) -> dict:
-    """['*.attn.*=32', 'visual.proj=0.5'] -> {pattern: int rank or float fraction}."""
-    out = {}
-    for item in items:
-        pattern, sep, value = item.rpartition("=")
-        try:
-            out[pattern] = float(value) if "." in value else int(value)
-        except ValueError:
-            sep = ""
-        if not sep or not pattern:
-            raise CliError(f"--rank-override {item!r}: expected PATTERN=K (a rank) or PATTERN=0.25 (a fraction)")
-    return out
-
-
 def job_options(job: MergeJob, progress: bool):
     """The engine's Options and the method of a merge job."""
     from ..methods import get_method
@@ -112,12 +105,15 @@ def job_options(job: MergeJob, progress: bool):
     fraction = job.get("common_space_fraction")
     if fraction is not None and name != "iso-cts":
         raise CliError(f"common_space_fraction is a parameter of iso-cts, not of {name}")
+    exact, dtype = job.get("exact", False), job.get("dtype", "float32")
+    # the float64 oracle keeps its digits unless told otherwise
+    out_dtype = job.get("out_dtype") or ("float64" if exact and dtype == "float64" else None)
     options = Options(alpha=job.get("alpha", 1.0), rank_fraction=job.get("rank_fraction"),
                       min_rank=job.get("min_rank", 0), rank_overrides=job.get("rank_overrides"),
-                      exclude=tuple(job.get("exclude", ["text_projection"])), compute_dtype=job.get("dtype", "float32"),
+                      exclude=tuple(job.get("exclude", ["text_projection"])), compute_dtype=dtype,
                       backend=job.get("backend"), device=job.get("device"),
-                      max_chunk_bytes=job.get("max_chunk_size", 256 << 20), progress=progress,
-                      exact=job.get("exact", False))
+                      max_chunk_bytes=job.get("max_chunk_size", 256 << 20), progress=progress, exact=exact,
+                      out_dtype=out_dtype, missing_keys=job.get("missing_keys", "base"))
     return options, get_method(name, **({"common_space_fraction": fraction} if fraction is not None else {}))
 
 
@@ -125,13 +121,17 @@ def run_merge_command(job: MergeJob, *, report_path: Optional[Path] = None, prog
                       quiet: bool = False, dist=None, shard=None):
     """The merge behind ``tsv-fast merge`` and ``tsv-fast demo``: returns (output path, Report).
     ``dist``: this rank of a torchrun job (engine.distributed); ``shard``: one --shard part."""
+    started = time.perf_counter()
+    # paths and model ids first, then the output guard: both before torch loads or any work
+    names = [job.base_model, *job.models]
+    job.base_model, *job.models = local_inputs(names)
+    guard_outputs([job.base_model, *job.models], job.output, report_path)
+    options, method = job_options(job, progress)  # checks the device too
+
     from .. import __version__
     from ..engine.sources import DenseTasks
     from ..io.sources import checkpoint_nbytes, open_checkpoint
 
-    started = time.perf_counter()
-    guard_outputs([job.base_model, *job.models], job.output, report_path)  # before any work
-    options, method = job_options(job, progress)
     allow_pickle = job.get("allow_pickle", False)
     lora = lora_models(job.models)
     if lora and options.exact:
@@ -147,17 +147,18 @@ def run_merge_command(job: MergeJob, *, report_path: Optional[Path] = None, prog
     else:
         pre, fts = open_all(Path(job.base_model), [Path(m) for m in job.models], allow_pickle)
         source = DenseTasks(pre, fts, job.weights)
-    out_dtype = job.get("out_dtype")
+    out_dtype = options.out_dtype
+    dtype = str(out_dtype or _main_dtype(pre)).replace("torch.", "")
     quiet = quiet or (dist is not None and dist.rank > 0)  # rank 0 speaks for the run
     sink_args = dict(
         max_shard_bytes=job.get("max_shard_size"), inputs=[job.base_model, *job.models],
         expected_bytes=checkpoint_nbytes(pre, out_dtype), out_dtype=out_dtype,
         extra_metadata={"rank_rule": "k = int(min(m, n) * rank_fraction) per task, rank_fraction = 1/T by default",
-                        "T": str(source.num_tasks), "dtype": str(out_dtype or _main_dtype(pre)).replace("torch.", ""),
+                        "T": str(source.num_tasks), "dtype": dtype,
                         "exclude": ",".join(options.exclude), "package": f"tsv_fast {__version__}",
-                        "base_model": Path(job.base_model).name,
-                        "models": json.dumps([Path(m).name for m in job.models]),
-                        **({"weights": json.dumps(job.weights)} if job.weights else {})})
+                        "base_model": _name(names[0]), "models": json.dumps([_name(m) for m in names[1:]]),
+                        **({"weights": json.dumps(job.weights)} if job.weights else {})},
+        extra_files=config_files(job.base_model, job.output, dtype, job.get("copy_configs", True)))
     if not quiet:
         kind = "LoRA adapters" if lora else "models"
         where = (f" on {dist.world} ranks" if dist is not None else
@@ -171,6 +172,11 @@ def run_merge_command(job: MergeJob, *, report_path: Optional[Path] = None, prog
         summary(started, Path(out_path))
         rank_summary(rep)
     return Path(out_path), rep
+
+
+def _name(model: str) -> str:
+    """How an input is named in the output's metadata: a model id as written, a path by its name."""
+    return model if not Path(model).exists() else Path(model).name
 
 
 def _main_dtype(ckpt) -> object:

@@ -3,13 +3,15 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Optional
 
 import typer
 
 from .app import app
-from .common import guard_outputs, human_bytes, open_all, parse_dtype_option, run_command, summary
+from .common import (check_device, config_files, guard_outputs, human_bytes, local_inputs, open_all,
+                     parse_dtype_option, parse_overrides, run_command, summary)
 
 
 @app.command()
@@ -18,27 +20,37 @@ def compress(
     base: Path = typer.Option(..., "--base", "-b", help="The pretrained checkpoint."),
     output: Path = typer.Option(..., "--output", "-o", help="The TSV-C file to write (e.g. tasks.tsvc.safetensors)."),
     rank_fraction: Optional[float] = typer.Option(None, help="Per-task rank k = int(min(m,n) * fraction). Default: 1/T."),
+    min_rank: int = typer.Option(0, help="At least this many triplets per task (1 keeps layers with min(m,n) < T)."),
+    rank_override: Optional[list[str]] = typer.Option(None, help="PATTERN=K (a rank) or PATTERN=0.25 (a fraction) for keys matching the glob PATTERN (repeatable)."),
     exclude: Optional[list[str]] = typer.Option(None, help="2-D keys containing this text are stored dense. Default: text_projection."),
     storage_dtype: str = typer.Option("float32", help="dtype of the stored factors (float32, bfloat16, float16)."),
     device: Optional[str] = typer.Option(None, help="Where to compute. Default: cpu."),
     backend: Optional[str] = typer.Option(None, help="auto | torch | triton | cusolver."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickled torch files (trusted files only)."),
     exact: bool = typer.Option(False, "--exact", help="Factors from full SVDs (the authors' route) instead of the float64 Gram route."),
+    missing_keys: str = typer.Option("base", help="Keys some checkpoints lack: base, zero or error (as in merge)."),
+    progress: bool = typer.Option(True, help="Show progress bars."),
 ):
-    """TSV-C: keep each task's top-k singular vectors per layer in one file (about 1/T of the task vectors)."""
+    """TSV-C: each task's top-k singular triplets per layer in one file: k(m+n+1) numbers per matrix
+    and task instead of mn, about 2/T of the task vectors for square matrices (1.25/T for 4:1)."""
     def body():
+        started = time.perf_counter()
+        inputs = local_inputs([base, *models])  # paths and model ids, then the output, before any work
+        guard_outputs(inputs, output)
+        check_device(device)
+        overrides = parse_overrides(rank_override) if rank_override else None
+
         from ..api import compress as tsv_compress
         from ..io.tsvc import save_compressed
 
         from ..engine.distributed import launched
         from . import ranks
 
-        started = time.perf_counter()
-        guard_outputs([base, *models], output)  # before any work
-        pre, fts = open_all(base, list(models), allow_pickle)
+        pre, fts = open_all(Path(inputs[0]), [Path(m) for m in inputs[1:]], allow_pickle)
         with launched(device) as (dist, rank_device):  # torchrun: the layers split over the ranks
-            settings = dict(rank_fraction=rank_fraction, exclude=tuple(exclude) if exclude else ("text_projection",),
-                            backend=backend, device=rank_device, progress=True, exact=exact)
+            settings = dict(rank_fraction=rank_fraction, min_rank=min_rank, rank_overrides=overrides,
+                            exclude=tuple(exclude) if exclude else ("text_projection",), backend=backend,
+                            device=rank_device, progress=progress, exact=exact, missing_keys=missing_keys)
             if dist is None:
                 packed = tsv_compress(pre, fts, storage_dtype=parse_dtype_option(storage_dtype), **settings)
             else:
@@ -46,7 +58,7 @@ def compress(
         if packed is None:  # another rank than 0: rank 0 writes the gathered library
             return
         packed.metadata.update({"base_model": base.name, "models": json.dumps([m.name for m in models])})
-        storage = save_compressed(output, packed, inputs=[base, *models])
+        storage = save_compressed(output, packed, inputs=inputs)
         typer.echo(f"stored {storage['stored_numbers']:,} numbers for {len(fts)} tasks instead of "
                    f"{storage['dense_numbers']:,} ({storage['ratio']:.1%}); file {human_bytes(storage['file_bytes'])} "
                    f"vs {human_bytes(storage['dense_bytes'])} of dense task vectors")
@@ -63,18 +75,25 @@ def reconstruct(
     output: Path = typer.Option(..., "--output", "-o", help="Output .safetensors file or folder."),
     out_dtype: Optional[str] = typer.Option(None, help="Output dtype for floating tensors. Default: the original's."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow a pickled base checkpoint (trusted files only)."),
+    copy_configs: bool = typer.Option(True, "--copy-configs/--no-copy-configs", help="Copy config.json (dtype set to the output's), generation config and tokenizer files of a base model folder into a folder output."),
 ):
     """Rebuild one task's model from a TSV-C file: W_pre + U_i diag(s_i) V_i^T per layer."""
     def body():
+        started = time.perf_counter()
+        local = local_inputs([compressed, *([base] if base is not None else [])])
+        guard_outputs(local, output)
+
         from ..io.sink import SafetensorsSink
         from ..io.sources import open_checkpoint
         from ..io.tsvc import load_compressed
 
-        started = time.perf_counter()
         packed = load_compressed(compressed)
-        pre = open_checkpoint(base, allow_pickle=allow_pickle) if base is not None else None
+        pre = open_checkpoint(local[1], allow_pickle=allow_pickle) if base is not None else None
         weights = packed.reconstruct(task, pre)
-        sink = SafetensorsSink(output, inputs=[compressed, *([base] if base else [])], out_dtype=parse_dtype_option(out_dtype))
+        dtype = parse_dtype_option(out_dtype)
+        main = dtype or Counter(packed.dtypes.values()).most_common(1)[0][0]
+        files = config_files(local[1], output, str(main).removeprefix("torch."), copy_configs) if base else {}
+        sink = SafetensorsSink(output, inputs=local, out_dtype=dtype, extra_files=files)
         try:
             for key, tensor in weights.items():
                 sink.write(key, tensor)

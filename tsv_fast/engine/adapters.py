@@ -26,7 +26,7 @@ class AdapterTasks(TaskSource):
         self.base, self.adapters = base, list(adapters)
         self.reference, self.has_base, self.num_tasks = base, True, len(self.adapters)
 
-    def check(self) -> None:
+    def check(self, options=None) -> None:
         names = set(self.base.keys())
         for task in self.adapters:
             for key in sorted(task.keys()):

@@ -15,7 +15,7 @@ class Group:
 
     shape: tuple[int, ...]
     rank: int                 # the method's rank for these matrices (per-task k for TSV)
-    out_dtype: torch.dtype    # dtype of the reference checkpoint for these keys
+    out_dtype: torch.dtype    # output dtype: options.out_dtype, else the reference checkpoint's
     keys: tuple[str, ...]
 
 
@@ -48,6 +48,6 @@ def make_plan(source, method, options: Options) -> Plan:
             if rank == 0:
                 zero_rank.append(key)
             else:
-                groups.setdefault((shape, rank, dtype), []).append(key)
+                groups.setdefault((shape, rank, options.out_dtype or dtype), []).append(key)
     return Plan(source.num_tasks, [Group(shape, rank, dtype, tuple(keys)) for (shape, rank, dtype), keys in groups.items()],
                 elementwise, unchanged, zero_rank)

@@ -40,6 +40,10 @@ class Context:
     def compute_dtype(self) -> torch.dtype:
         return self.options.compute_dtype
 
+    def out_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """The output dtype of a key whose base has ``dtype`` (Options.out_dtype for floating keys)."""
+        return self.options.out_dtype if self.options.out_dtype is not None and dtype.is_floating_point else dtype
+
 
 def backend_for(options: Options, device: torch.device) -> Backend:
     """The backend of a run: the named/auto one, or the full-SVD route when ``options.exact``."""
@@ -67,12 +71,14 @@ def run(source, method, options: Options, sink: Sink | None = None, *, compute_s
     sink = sink or DictSink()
 
     def emit(key: str, value: object) -> None:
+        if isinstance(value, Tensor):  # weights in the output dtype (unchanged keys: the base, exactly)
+            value = value.to(out_device, ctx.out_dtype(value.dtype) if method.writes == "weights" else value.dtype)
         if value is not None:
-            sink.write(key, value.to(out_device) if isinstance(value, Tensor) else value)
+            sink.write(key, value)
 
     try:  # from here on any failure drops the sink's partial output
         method.check_options(options)
-        source.check()
+        source.check(options)
         plan = make_plan(source, method, options)
         if method.uses_rank_rule and (part is None or part.index == 0):
             warn_zero_rank(plan.zero_rank)  # once, for the whole plan

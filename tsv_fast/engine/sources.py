@@ -10,6 +10,7 @@ task vectors. ``DenseTasks`` reads full checkpoints (Δ formed on the fly, never
 from __future__ import annotations
 
 import math
+import re
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -18,6 +19,8 @@ import torch
 from torch import Tensor
 
 from ..io.checkpoint import Checkpoint
+from ..io.hf import ignorable_patterns
+from ..options import Options
 from ..reference import ZERO_RTOL, drop_small
 
 F64 = torch.float64
@@ -113,7 +116,7 @@ class TaskSource:
     reference: Checkpoint   # the layout: the base, or task 0 when the inputs are task vectors
     has_base: bool
 
-    def check(self) -> None:
+    def check(self, options: Options | None = None) -> None:
         """Raise ValueError naming the input when the tasks do not fit the layout."""
 
     def touched(self, key: str) -> bool:
@@ -153,27 +156,80 @@ class DenseTasks(TaskSource):
         if weights is not None and len(weights) != self.num_tasks:
             raise ValueError(f"{len(weights)} weights for {self.num_tasks} tasks")
         self.weights = None if weights is None or all(w == 1 for w in weights) else [float(w) for w in weights]
+        self.passthrough: set[str] = set()  # keys that come from the base whatever the tasks hold
+        self._ignored: list[str] | None = None
 
-    def check(self) -> None:
+    def check(self, options: Options | None = None) -> None:
+        """Refuse tasks that do not fit the layout, naming the checkpoint and the keys. Keys present in
+        some checkpoints only follow ``options.missing_keys`` (``Options``): buffers and keys
+        transformers ignores when loading come from the base, with a warning naming them (policy
+        "base", the default); with "zero" a key a fine-tune lacks is also a zero task vector there."""
+        policy = options.missing_keys if options is not None else "base"
         ref, ref_name = self.reference, ("the pretrained checkpoint" if self.has_base else "task vector 0")
         ref_keys = ref.keys()
         ref_set = set(ref_keys)
+        task_sets = [set(c.keys()) for c in self.tasks]
+        differ = {i: (sorted(ref_set - keys), sorted(keys - ref_set)) for i, keys in enumerate(task_sets)
+                  if keys != ref_set}
+        if differ:
+            self._settle(differ, policy, ref_name)
         for i, ckpt in enumerate(self.tasks):
-            keys = set(ckpt.keys())
-            if keys != ref_set:
-                missing, extra = sorted(ref_set - keys), sorted(keys - ref_set)
-                raise ValueError(
-                    f"checkpoint {i} ({ckpt.name}) does not match {ref_name} ({ref.name}): "
-                    + (f"missing keys {missing[:5]}{' ...' if len(missing) > 5 else ''} " if missing else "")
-                    + (f"unexpected keys {extra[:5]}{' ...' if len(extra) > 5 else ''}" if extra else ""))
             for key in ref_keys:
+                if key in self.passthrough:
+                    continue
                 if ckpt.shape(key) != ref.shape(key):
                     raise ValueError(f"key {key!r}: shape {ckpt.shape(key)} in checkpoint {i} ({ckpt.name}) "
                                      f"but {ref.shape(key)} in {ref_name} ({ref.name})")
-        mixed = [key for key in ref_keys if len({c.dtype(key) for c in self.tasks} | {ref.dtype(key)}) > 1]
+        mixed = [key for key in ref_keys if key not in self.passthrough
+                 and len({c.dtype(key) for c in self.tasks} | {ref.dtype(key)}) > 1]
         if mixed:
             warnings.warn(f"{len(mixed)} key(s) have different dtypes across checkpoints (e.g. {mixed[0]!r}); "
                           f"writing {ref_name}'s dtype", stacklevel=4)
+
+    def _settle(self, differ: dict[int, tuple[list[str], list[str]]], policy: str, ref_name: str) -> None:
+        """Apply the missing-keys policy to {task: (keys it lacks, keys the layout lacks)}."""
+        ref = self.reference
+        dtypes = {key: self.tasks[i].dtype(key) for i, (_, extra) in differ.items() for key in extra}
+        dtypes.update({key: ref.dtype(key) for missing, _ in differ.values() for key in missing})
+        spare = set() if policy == "error" else {key for key, dtype in dtypes.items() if self._ignorable(key, dtype)}
+        for i, (missing, extra) in differ.items():
+            refused_missing = [] if policy == "zero" else [k for k in missing if k not in spare]
+            refused_extra = [k for k in extra if k not in spare]
+            if refused_missing or refused_extra:
+                parts = [f"missing keys {_few(refused_missing)}"] * bool(refused_missing) + \
+                    [f"unexpected keys {_few(refused_extra)}"] * bool(refused_extra)
+                hint = ("; to count a missing key as a zero task vector pass missing_keys='zero' (--missing-keys zero)"
+                        if refused_missing and policy == "base" else "")
+                raise ValueError(f"checkpoint {i} ({self.tasks[i].name}) does not match {ref_name} ({ref.name}): "
+                                 + " ".join(parts) + hint)
+        ref_set = set(ref.keys())
+        self.passthrough = spare & ref_set
+        if self.passthrough:
+            warnings.warn(f"{len(self.passthrough)} key(s) missing from some checkpoints are buffers or keys "
+                          f"transformers ignores on load; they come from {ref_name}: {_few(sorted(self.passthrough))}",
+                          stacklevel=5)
+        if spare - ref_set:
+            warnings.warn(f"{len(spare - ref_set)} key(s) that {ref_name} lacks are buffers or keys transformers "
+                          f"ignores on load; left out of the output: {_few(sorted(spare - ref_set))}", stacklevel=5)
+        zero = {i: [k for k in missing if k not in spare] for i, (missing, _) in differ.items()}
+        zero = {i: keys for i, keys in zero.items() if keys}
+        for i, keys in zero.items():
+            self.tasks[i] = _Filled(self.tasks[i], self.base, ref, keys)
+        if zero:
+            named = ", ".join(f"{self.tasks[i].name} lacks {_few(keys)}" for i, keys in zero.items())
+            warnings.warn(f"missing_keys='zero': these keys count as zero task vectors: {named}", stacklevel=5)
+
+    def _ignorable(self, key: str, dtype: torch.dtype) -> bool:
+        """A buffer (not floating point) or a key transformers ignores when loading this model."""
+        if not dtype.is_floating_point:
+            return True
+        if self._ignored is None:
+            folder = next((c.folder for c in [self.reference, *self.tasks] if getattr(c, "folder", None)), None)
+            self._ignored = ignorable_patterns(folder)
+        return any(re.search(pattern, key) for pattern in self._ignored)
+
+    def touched(self, key: str) -> bool:
+        return key not in self.passthrough
 
     def base_tensor(self, key: str, device: torch.device) -> Tensor:
         if self.base is None:
@@ -224,6 +280,41 @@ class DenseTasks(TaskSource):
             return all(not bool(c.load(key).any()) for c in self.tasks)
         base = self.base.load(key)
         return all(torch.equal(c.load(key), base) for c in self.tasks)
+
+
+def _few(keys: Sequence[str]) -> str:
+    return f"{list(keys[:5])}{' ...' if len(keys) > 5 else ''}"
+
+
+class _Filled(Checkpoint):
+    """A fine-tune that lacks some keys, read as holding the base's values there (a zero task vector;
+    zeros when the inputs are task vectors). Everything else is the checkpoint's own."""
+
+    def __init__(self, ckpt: Checkpoint, base: Checkpoint | None, layout: Checkpoint, missing: Sequence[str]):
+        self.ckpt, self.base, self.layout, self.missing, self.name = ckpt, base, layout, set(missing), ckpt.name
+
+    def __getattr__(self, name: str):  # files, folder: the checkpoint's own
+        return getattr(self.__dict__["ckpt"], name)
+
+    @property
+    def device(self) -> torch.device:
+        return self.ckpt.device
+
+    def keys(self) -> list[str]:
+        return [*self.ckpt.keys(), *sorted(self.missing)]
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return (self.layout if key in self.missing else self.ckpt).shape(key)
+
+    def dtype(self, key: str) -> torch.dtype:
+        return (self.layout if key in self.missing else self.ckpt).dtype(key)
+
+    def load(self, key: str) -> Tensor:
+        if key not in self.missing:
+            return self.ckpt.load(key)
+        if self.base is not None:
+            return self.base.load(key)
+        return torch.zeros(self.layout.shape(key), dtype=self.layout.dtype(key))
 
 
 @dataclass

@@ -9,6 +9,8 @@
 ``sink``           ``SafetensorsSink``: streamed, sharded, finite-checked outputs; ``save_checkpoint``, ``convert``
 ``tsvc``           TSV-C task libraries (``CompressedTasks``, ``save_compressed``, ``load_compressed``)
 ``peft``           PEFT LoRA adapters (``load_adapter``): factors and their exact SVDs
+``hf``             Hugging Face: model ids through the hub cache, configs and tokenizer files for outputs,
+                   the keys transformers ignores on load
 =================  ===================================================================================
 
 Nothing here imports the engine, the methods or the command line.
@@ -22,6 +24,7 @@ _EXPORTS = {
     "sink": ["SafetensorsSink", "convert", "save_checkpoint"],
     "sources": ["INDEX_NAME", "TORCH_INDEX_NAME", "checkpoint_nbytes", "open_checkpoint"],
     "tsvc": ["CompressedTasks", "load_compressed", "read_compressed_header", "save_compressed"],
+    "hf": ["is_hub_id", "loadable_files", "resolve_model"],
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_WHERE)

@@ -117,14 +117,19 @@ class Output:
                                  "choose a new or empty folder (nothing was changed)")
         if not self.folder:
             _refuse_foreign_family(self.target, what)
-        self.target.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = _Lock(self.target.parent / f".{self.target.name}.tsv-fast.lock", self.target)
+        self._made = _make_folders(self.target.parent)  # removed again if the output is aborted
+        try:
+            self._lock = _Lock(self.target.parent / f".{self.target.name}.tsv-fast.lock", self.target)
+        except BaseException:
+            _remove_empty(self._made)
+            raise
         token = f"{os.getpid()}-{time.time_ns() % 10**9}"
         self.staging = self.target.parent / f"{STAGING_PREFIX}{self.target.name}-{token}"
         try:
             self.staging.mkdir()
         except BaseException:
             self._lock.release()
+            _remove_empty(self._made)
             raise
         self._done = False
 
@@ -159,7 +164,11 @@ class Output:
         return self.target
 
     def abort(self) -> None:
+        """Drop the staged members; folders this output created are removed too (no empty folder)."""
+        done = self._done
         self._cleanup()
+        if not done:
+            _remove_empty(self._made)
 
     def _cleanup(self) -> None:
         if not self._done:
@@ -275,6 +284,25 @@ def _swap_in_files(staging: Path, target: Path) -> None:
         if path.name not in new:
             path.unlink(missing_ok=True)
     _fsync(target.parent)
+
+
+def _make_folders(folder: Path) -> list[Path]:
+    """Create ``folder`` and its missing parents; returns the ones created, deepest first."""
+    made = []
+    while not folder.exists():
+        made.append(folder)
+        folder = folder.parent
+    for path in reversed(made):
+        path.mkdir(exist_ok=True)
+    return made
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    for folder in folders:  # deepest first; stop at the first that holds something
+        try:
+            folder.rmdir()
+        except OSError:
+            return
 
 
 def _fsync(path: Path) -> None:

@@ -4,7 +4,8 @@
 Part i of N of the output ``T`` is the folder ``T.parts/part-0000i-of-0000N/``: this part's shard files
 and a manifest (``tsv-fast-part.json``): the plan it belongs to (the inputs with their sizes and
 modification times, the options that change the result, the files' metadata with the package version,
-N, and a digest of the whole key -> part assignment), its shards' keys and sizes. A part is an output
+N, and a digest of the whole key -> part assignment), its shards' keys and sizes; part 0 also keeps the
+output's extra files (configs, tokenizer files), copied when it runs. A part is an output
 of its own (io.outputs: guarded, locked, committed whole), so a rerun replaces it and a failed one
 leaves nothing. ``finalize(T)`` checks that all N parts exist and belong to one plan, then commits the
 model at ``T`` whole (the shards hard-linked, or copied, into its staging folder, named and indexed as
@@ -25,6 +26,7 @@ from .sink import SafetensorsSink, Staged, commit_shards, output_layout
 
 PART_FORMAT = "tsv-fast-part"
 PART_VERSION = 1
+EXTRA_PREFIX = "extra-"  # part 0 keeps the output's extra files (configs, tokenizer) under this prefix
 
 
 def parts_folder(target: str | os.PathLike) -> Path:
@@ -58,14 +60,15 @@ class PartSink(Sink):
     def __init__(self, target: str | os.PathLike, part, *, inputs: Iterable[object] = (),
                  options: Mapping[str, object] | None = None, max_shard_bytes: int | None = None,
                  out_dtype=None, extra_metadata: Mapping[str, str] | None = None,
-                 extra_files: Mapping[str, str | os.PathLike] | None = None, expected_bytes: int | None = None):
+                 extra_files: Mapping[str, str | os.PathLike | bytes] | None = None,
+                 expected_bytes: int | None = None):
         inputs = list(inputs)
         self.target = check_output(target, inputs)  # the finished model must be allowed there too
         self.part, self.folder = part, parts_folder(self.target) / part_name(part.index, part.count)
         self.is_folder, self.stem = output_layout(target)
         if extra_files and not self.is_folder:
             raise ValueError(f"output {target} is a file; configs and tokenizer files need a folder output")
-        self.extra_files = {name: str(Path(source).resolve()) for name, source in (extra_files or {}).items()}
+        self.extra_files = dict(extra_files or {})
         self.files = SafetensorsSink(self.folder, inputs=inputs, max_shard_bytes=max_shard_bytes, out_dtype=out_dtype,
                                      extra_metadata=extra_metadata, tag="part",
                                      expected_bytes=None if expected_bytes is None else expected_bytes // part.count)
@@ -88,12 +91,16 @@ class PartSink(Sink):
                 os.rename(self.files.output.member(shard.name), self.files.output.member(name))
                 files.append({"name": name, "keys": shard.keys, "size": shard.size,
                               "bytes": self.files.output.member(name).stat().st_size})
+            if self.part.index == 0:  # the configs and tokenizer files travel with part 0, copied now
+                for name, source in self.extra_files.items():
+                    member = self.files.output.member(EXTRA_PREFIX + name)
+                    member.write_bytes(source) if isinstance(source, bytes) else shutil.copyfile(source, member)
             meta = self.files.file_metadata(metadata)
             assignment = json.dumps(sorted(self.part.assignment.items()), separators=(",", ":"))
             plan = {**self.plan, "metadata": meta, "assignment": hashlib.sha256(assignment.encode()).hexdigest()}
             manifest = {"format": PART_FORMAT, "version": PART_VERSION, "part": self.part.index,
                         "count": self.part.count, "plan": plan, "plan_id": _digest(plan),
-                        "output": {"stem": self.stem, "folder": self.is_folder, "extra_files": self.extra_files},
+                        "output": {"stem": self.stem, "folder": self.is_folder, "extra_files": sorted(self.extra_files)},
                         "num_keys": len(self.part.assignment), "files": files,
                         "metadata": {"tsv_fast_version": meta["tsv_fast_version"]}}
             self.files.output.member(PART_MANIFEST).write_text(json.dumps(manifest, indent=1))
@@ -156,6 +163,10 @@ def read_parts(target: str | os.PathLike) -> list[dict]:
             seen |= set(entry["keys"])
     if len(seen) != first["num_keys"]:
         raise ValueError(f"the parts of {target} hold {len(seen)} keys, the plan has {first['num_keys']}")
+    for name in first["output"]["extra_files"]:
+        file = parts / part_name(0, count) / (EXTRA_PREFIX + name)
+        if not file.is_file():
+            raise ValueError(f"{file} is missing since part 0 was written; rerun part 0")
     return manifests
 
 
@@ -195,7 +206,8 @@ def finalize(target: str | os.PathLike, *, keep_parts: bool = False) -> Path:
                 name = f".part{manifest['part']:05d}-{entry['name']}.staged"
                 _link_or_copy(folder / entry["name"], output.member(name))
                 staged.append(Staged(name, entry["keys"], entry["size"]))
-        names = commit_shards(output, out["stem"], staged, first["plan"]["metadata"], out["extra_files"])
+        extras = {name: parts / part_name(0, first["count"]) / (EXTRA_PREFIX + name) for name in out["extra_files"]}
+        names = commit_shards(output, out["stem"], staged, first["plan"]["metadata"], extras)
     except BaseException:
         output.abort()
         raise

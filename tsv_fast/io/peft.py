@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from ..reference import ZERO_RTOL
+from .hf import resolve_model
 
 F64 = torch.float64
 CONFIG_NAME = "adapter_config.json"
@@ -113,8 +114,8 @@ def is_adapter(path: str | Path) -> bool:
 
 
 def load_adapter(path: str | Path) -> LoraAdapter:
-    """Read a PEFT LoRA adapter (folder, or its adapter_model.safetensors / .bin) into memory."""
-    path = Path(path)
+    """Read a PEFT LoRA adapter (folder, its adapter_model.safetensors / .bin, or a hub id) into memory."""
+    path = Path(resolve_model(path))
     folder = path if path.is_dir() else path.parent
     config_file = folder / CONFIG_NAME
     if not config_file.is_file():

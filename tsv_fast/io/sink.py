@@ -37,7 +37,8 @@ class SafetensorsSink(Sink):
         out_dtype: cast floating tensors to this dtype (default: keep what the engine gives);
             floating point only.
         extra_metadata: stored in every file's header (beside what the engine passes to close).
-        extra_files: {name: source path} copied into a folder output (configs, tokenizer files).
+        extra_files: {name: source path to copy, or bytes to write} put into a folder output
+            (configs, tokenizer files: ``io.hf.loadable_files``), committed with the weights.
         join: the staging folder of this output opened by another process (rank 0 of a distributed
             run, ``engine.distributed``): shards are written into it, the commit is the owner's.
         tag: names this writer's shard files uniquely in a shared staging folder (e.g. its rank).
@@ -46,8 +47,8 @@ class SafetensorsSink(Sink):
     def __init__(self, path: str | os.PathLike, *, max_shard_bytes: int | None = None,
                  inputs: Iterable[object] = (), expected_bytes: int | None = None,
                  out_dtype: torch.dtype | None = None, extra_metadata: Mapping[str, str] | None = None,
-                 extra_files: Mapping[str, str | os.PathLike] | None = None, join: str | os.PathLike | None = None,
-                 tag: str | None = None):
+                 extra_files: Mapping[str, str | os.PathLike | bytes] | None = None,
+                 join: str | os.PathLike | None = None, tag: str | None = None):
         path = Path(path)
         if out_dtype is not None and not out_dtype.is_floating_point:
             raise ValueError(f"output dtype {out_dtype} is not floating point; use float32, float16, bfloat16 "
@@ -166,7 +167,7 @@ class Staged:
 
 
 def commit_shards(output: Output, stem: str, staged: list[Staged], meta: Mapping[str, str],
-                  extra_files: Mapping[str, str | os.PathLike] | None = None) -> list[str]:
+                  extra_files: Mapping[str, str | os.PathLike | bytes] | None = None) -> list[str]:
     """Name the staged shards of ``output`` (``<stem>.safetensors``, or ``<stem>-0000i-of-0000N`` plus
     ``<stem>.safetensors.index.json`` when there are several), copy the extra files, commit the output
     whole. Shards without tensors are dropped unless the output would have no file. Returns the names."""
@@ -189,7 +190,10 @@ def commit_shards(output: Output, stem: str, staged: list[Staged], meta: Mapping
                      "weight_map": {key: name for shard, name in zip(shards, names) for key in shard.keys}}
             output.member(stem + INDEX_SUFFIX).write_text(json.dumps(index, indent=2))
         for name, source in (extra_files or {}).items():
-            shutil.copyfile(source, output.member(name))
+            if isinstance(source, bytes):
+                output.member(name).write_bytes(source)
+            else:
+                shutil.copyfile(source, output.member(name))
         output.commit()
     except BaseException:
         output.abort()

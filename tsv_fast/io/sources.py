@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from .checkpoint import Checkpoint, DictCheckpoint
+from .hf import resolve_model
 from .safetensors import SafetensorsCheckpoint, require_file
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -39,14 +40,15 @@ class TorchCheckpoint(DictCheckpoint):
 
 
 def open_checkpoint(path: str | os.PathLike, *, allow_pickle: bool = False) -> Checkpoint:
-    """A lazy Checkpoint for a safetensors file, a model folder or a torch ``.pt``/``.bin`` file.
+    """A lazy Checkpoint for a safetensors file, a model folder, a torch ``.pt``/``.bin`` file or a
+    Hugging Face model id ``org/name[@revision]`` (``io.hf.resolve_model``; a path that exists wins).
 
     Folders: ``model.safetensors.index.json`` (sharded), a single ``*.safetensors`` file,
     ``pytorch_model.bin.index.json`` or a single ``.bin``/``.pt``. Torch files load with
     ``weights_only=True``; files that need unpickling of code (whole pickled modules, as the
     task-arithmetic and TSV papers publish) load only with ``allow_pickle=True``.
     """
-    path = Path(path)
+    path = Path(resolve_model(path))
     if not path.exists():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if path.is_dir():

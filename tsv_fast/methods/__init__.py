@@ -12,13 +12,17 @@ name           module              what it writes
 =============  ==================  =============================================================
 
 Each has a float64 twin in ``tsv_fast.reference``. ``get_method(name, **parameters)`` makes one.
+The names and aliases load without torch (the command line checks a method name before it imports
+anything heavy); ``Method`` and the method modules load when first asked for.
 """
 from __future__ import annotations
 
 import dataclasses
 import importlib
+from typing import TYPE_CHECKING
 
-from .base import Method
+if TYPE_CHECKING:
+    from .base import Method
 
 #: name -> "module:class"; modules load when the method is asked for.
 REGISTRY = {
@@ -34,6 +38,12 @@ ALIASES = {"tsv": "tsv-m", "tsv_m": "tsv-m", "iso_c": "iso-c", "iso_cts": "iso-c
            "task-arithmetic": "ta", "tsv_c": "tsv-c"}
 #: The methods that write merged weights (the choices of `tsv-fast merge --method`).
 MERGE_METHODS = ("tsv-m", "iso-c", "iso-cts", "ta")
+
+
+def __getattr__(name: str):
+    if name == "Method":
+        return importlib.import_module(f"{__name__}.base").Method
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def method_class(name: str) -> type[Method]:
@@ -52,6 +62,8 @@ def method_parameters(name: str) -> list[str]:
 
 def get_method(method: str | Method, **parameters) -> Method:
     """A Method instance from a name (and its parameters), or ``method`` itself."""
+    from .base import Method
+
     if isinstance(method, Method):
         if parameters:
             raise TypeError(f"parameters {sorted(parameters)} given with a Method instance; set them on it")

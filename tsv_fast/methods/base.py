@@ -42,7 +42,7 @@ class Method:
         if not base.is_floating_point():
             return base.clone()
         total = running_sum(deltas)
-        return (base.to(total.dtype) + (ctx.options.alpha / ctx.num_tasks) * total).to(base.dtype)
+        return (base.to(total.dtype) + (ctx.options.alpha / ctx.num_tasks) * total).to(ctx.out_dtype(base.dtype))
 
     def unchanged(self, key: str, base: Tensor, ctx) -> object | None:
         """Keys no task changes (or with k = 0): the base weight (zeros for task-vector inputs)."""

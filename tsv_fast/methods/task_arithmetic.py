@@ -13,4 +13,4 @@ class TaskArithmetic(Method):
         if not base.is_floating_point():
             return base.clone()
         total = running_sum(deltas)
-        return (base.to(total.dtype) + ctx.options.alpha * total).to(base.dtype)
+        return (base.to(total.dtype) + ctx.options.alpha * total).to(ctx.out_dtype(base.dtype))
