@@ -173,6 +173,10 @@ def assert_same_model(got: Path, want: Path) -> None:
             assert_same_result(key, x, y)
         else:
             assert torch.equal(x, y), key
+    if want.is_dir():  # configs and tokenizer files copied from a base folder: the same bytes
+        extras = lambda folder: {p.name: p.read_bytes() for p in folder.iterdir() if p.suffix != ".safetensors"  # noqa: E731
+                                 and not p.name.endswith(io.outputs.INDEX_SUFFIX)}
+        assert extras(got) == extras(want)
     want_meta = safetensors_metadata(files_of(want)[0])
     assert want_meta and all(safetensors_metadata(f) == want_meta for f in files_of(got))
     if index_metadata(want) is not None:
@@ -389,6 +393,27 @@ def test_a_failing_rank_stops_every_rank_and_leaves_no_output(tiny, tmp_path, fa
 # ------------------------------------------------------------------------------------------------
 # --shard I/N parts and finalize
 # ------------------------------------------------------------------------------------------------
+def test_configs_of_a_base_folder_are_copied_by_ranks_and_parts(tiny, tmp_path):
+    """A base model folder's config.json (its dtype set) and tokenizer files reach the output once, from
+    rank 0 at the commit, or from part 0 at finalize."""
+    pre, fts = tiny
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "model.safetensors").write_bytes(pre.read_bytes())
+    (base / "config.json").write_text(json.dumps({"model_type": "clip", "torch_dtype": "float16"}))
+    (base / "tokenizer.json").write_text('{"version": "1.0"}')
+    common = ["merge", "-b", base, *fts, "--no-progress"]
+    ok(launch([*common, "-o", tmp_path / "one"], tmp_path, world=1))
+    assert json.loads((tmp_path / "one" / "config.json").read_text())["torch_dtype"] == "float32"
+    ok(launch([*common, "-o", tmp_path / "two"], tmp_path))
+    assert_same_model(tmp_path / "two", tmp_path / "one")
+    for i in range(2):
+        ok(launch([*common, "-o", tmp_path / "parts", "--shard", f"{i}/2"], tmp_path, world=1))
+    (base / "tokenizer.json").write_text('{"version": "2.0"}')  # part 0 copied it when it ran
+    ok(launch(["finalize", tmp_path / "parts"], tmp_path, world=1))
+    assert_same_model(tmp_path / "parts", tmp_path / "one")
+
+
 def test_shard_parts_finalize_into_the_one_process_output(tiny, tmp_path):
     pre, fts = tiny
     common = ["merge", "-b", pre, *fts, "--no-progress", "--max-shard-size", "100KB"]
