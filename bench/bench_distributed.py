@@ -53,10 +53,9 @@ blocks, tasks, folder = int(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3])
 block = re.compile(r"\.resblocks\.(\d+)\.")
 shapes = {k: s for k, s in synthetic.layout("vit-b-32").items() if not block.search(k) or int(block.search(k).group(1)) < blocks}
 synthetic.LAYOUTS["bench"] = lambda: shapes
-pre, fts = synthetic.checkpoints("bench", tasks)
-save_checkpoint(pre, folder / "pretrained.safetensors")
-for i, ft in enumerate(fts):
-    save_checkpoint(ft, folder / f"ft_{i}.safetensors")
+save_checkpoint(dict(synthetic.checkpoint("bench")), folder / "pretrained.safetensors")
+for i in range(tasks):  # one model in memory at a time
+    save_checkpoint(dict(synthetic.checkpoint("bench", i)), folder / f"ft_{i}.safetensors")
 """
 
 
