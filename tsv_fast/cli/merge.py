@@ -13,7 +13,7 @@ from .app import app
 from .common import (CliError, config_files, guard_outputs, local_inputs, lora_models, open_all, parse_overrides,
                      run_command, summary)
 from .config import KEYS, MergeJob, load_config, typed_value
-from .ranks import parse_shard, rank_summary, write_model
+from .ranks import launched, parse_shard, rank_summary, write_model
 
 
 @app.command()
@@ -86,8 +86,6 @@ def merge(
         part = parse_shard(shard)
         if part is not None and report is not None:
             raise CliError("--report needs the whole merge; a --shard part sees only its own layers")
-        from ..engine.distributed import launched
-
         with launched(job.get("device")) as (dist, rank_device):
             if dist is not None and rank_device is not None:
                 job.values["device"] = rank_device

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import typer
@@ -35,12 +38,25 @@ def finalize(
     run_command(body)
 
 
+@contextmanager
+def launched(device: str | None) -> Iterator[tuple[object, str | None]]:
+    """engine.distributed.launched under torchrun (WORLD_SIZE > 1): (Dist, this rank's device); else
+    (None, ``device``) without importing torch, so that argument errors stay as quick as --help."""
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
+        yield None, device
+        return
+    from ..engine.distributed import launched as ranks
+
+    with ranks(device) as pair:
+        yield pair
+
+
 def parse_shard(text: str | None):
     """``--shard I/N`` -> engine.partition.Part (None when not given)."""
-    from ..engine.partition import Part
-
     if text is None:
         return None
+    from ..engine.partition import Part
+
     try:
         return Part.parse(text)
     except ValueError as exc:

@@ -48,14 +48,13 @@ def interference(
                    "device": device, "missing_keys": missing_keys}
 
         from ..api import interference as sti_of
-        from ..engine.distributed import launched
         from ..methods.sti import per_block
         from . import ranks
 
         pre, fts = open_all(Path(inputs[0]), [Path(m) for m in inputs[1:]], allow_pickle)
         if heatmap is not None and layer is not None and layer not in pre.keys():
             raise CliError(f"layer {layer!r} not found in {pre.name}")
-        with launched(device) as (dist, rank_device):  # torchrun: the layers split over the ranks
+        with ranks.launched(device) as (dist, rank_device):  # torchrun: the layers split over the ranks
             settings = dict(options, device=rank_device, orthogonalized=orthogonalized, progress=progress, exact=exact)
             per_layer = sti_of(pre, fts, **settings) if dist is None else ranks.interference(dist, pre, fts, **settings)
         if per_layer is None:  # another rank than 0: rank 0 writes the gathered scores

@@ -43,11 +43,10 @@ def compress(
         from ..api import compress as tsv_compress
         from ..io.tsvc import save_compressed
 
-        from ..engine.distributed import launched
         from . import ranks
 
         pre, fts = open_all(Path(inputs[0]), [Path(m) for m in inputs[1:]], allow_pickle)
-        with launched(device) as (dist, rank_device):  # torchrun: the layers split over the ranks
+        with ranks.launched(device) as (dist, rank_device):  # torchrun: the layers split over the ranks
             settings = dict(rank_fraction=rank_fraction, min_rank=min_rank, rank_overrides=overrides,
                             exclude=tuple(exclude) if exclude else ("text_projection",), backend=backend,
                             device=rank_device, progress=progress, exact=exact, missing_keys=missing_keys)
