@@ -30,6 +30,7 @@ from safetensors.torch import save_file
 
 from tsv_fast import io, synthetic
 from tsv_fast.cli import app
+from tsv_fast.cli.ranks import plan_options
 from tsv_fast.engine.distributed import every_key_once
 from tsv_fast.engine.partition import Part, Stopped, assign, balance, key_costs
 from tsv_fast.engine.plan import make_plan
@@ -434,6 +435,17 @@ def test_shard_parts_finalize_into_the_one_process_output(tiny, tmp_path):
     ok(launch(["finalize", out], tmp_path, world=1))
     assert_same_model(out, tmp_path / "one")
     assert not (tmp_path / "out.parts").exists() and leftovers(tmp_path) == []
+
+
+def test_every_option_that_changes_the_result_is_in_a_parts_plan():
+    base = plan_options(Options(), get_method("tsv-m"))
+    for change in ({"missing_keys": "zero"}, {"out_dtype": torch.bfloat16}, {"min_rank": 1}, {"exact": True},
+                   {"rank_overrides": {"*.c_fc.*": 3}}, {"compute_dtype": torch.float64}):
+        assert plan_options(Options(**change), get_method("tsv-m")) != base, change
+    for change in ({"device": "cpu"}, {"backend": "torch"}, {"max_chunk_bytes": 1 << 20}, {"progress": True}):
+        assert plan_options(Options(**change), get_method("tsv-m")) == base, change  # rounding at most
+    assert plan_options(Options(), get_method("iso-cts", common_space_fraction=0.5)) != \
+        plan_options(Options(), get_method("iso-cts"))
 
 
 def test_a_part_of_other_inputs_is_refused(tiny, tmp_path):

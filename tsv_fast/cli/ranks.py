@@ -83,11 +83,14 @@ def write_model(output: str, sink_args: dict, source, method, options, *, dist=N
     return run(source, method, options, SafetensorsSink(output, **sink_args), **run_args)
 
 
+#: Options that change at most the rounding of a merge (parts may differ in them): where and how it runs.
+ROUNDING_ONLY = ("backend", "device", "max_chunk_bytes", "progress")
+
+
 def plan_options(options, method) -> dict:
     """The settings that change a merge's result (the identity of a --shard plan, with the inputs and
-    the files' metadata); device, backend, memory budget and progress change at most rounding."""
-    keep = ("alpha", "rank_fraction", "rank_overrides", "min_rank", "exclude", "compute_dtype", "exact")
-    out = {name: getattr(options, name) for name in keep}
+    the files' metadata): every option but those in ``ROUNDING_ONLY``, and the method's parameters."""
+    out = {f.name: getattr(options, f.name) for f in dataclasses.fields(options) if f.name not in ROUNDING_ONLY}
     out["method"] = method.name
     if dataclasses.is_dataclass(method):
         out.update({f"{method.name}.{f.name}": getattr(method, f.name) for f in dataclasses.fields(method)})
