@@ -10,6 +10,7 @@ Providers (float32 in, float32 out):
     authors   tsv_fast.reference.authors_fast_tsv_merge (full SVD per task, zero-padded stacks, two
               Procrustes SVDs): the baseline every ratio is against, measured in the same run
     torch     tsv_fast.fast_tsv_merge(backend="torch")
+    torch-gram, torch-krylov   the same with that top-k route forced (TSV_FAST_TOPK; opt-in)
     triton, cusolver   the same with that backend, when tsv_fast.available_backends(device) allows
     exact     tsv_fast.fast_tsv_merge(exact=True): the authors' full-SVD route inside our streaming
               engine (opt-in: --providers torch exact)
@@ -178,7 +179,26 @@ def provider_fn(provider: str, device: torch.device):
         return lambda tvs: reference.authors_fast_tsv_merge(tvs, exclude=EXCLUDE, compute_dtype=torch.float32)
     if provider == "exact":
         return lambda tvs: tsv_fast.fast_tsv_merge(tvs, exclude=EXCLUDE, exact=True, device=device)
+    if provider.startswith("torch-"):  # torch-gram / torch-krylov: the torch backend with that top-k route
+        return lambda tvs: _with_topk_route(provider[len("torch-"):], lambda: tsv_fast.fast_tsv_merge(
+            tvs, exclude=EXCLUDE, backend="torch", device=device))
     return lambda tvs: tsv_fast.fast_tsv_merge(tvs, exclude=EXCLUDE, backend=provider, device=device)
+
+
+TOPK_PROVIDERS = ("torch-gram", "torch-krylov")
+
+
+def _with_topk_route(route: str, fn):
+    """fn() with TSV_FAST_TOPK=route (the torch backend reads it per call), restored afterwards."""
+    saved = os.environ.get("TSV_FAST_TOPK")
+    os.environ["TSV_FAST_TOPK"] = route
+    try:
+        return fn()
+    finally:
+        if saved is None:
+            del os.environ["TSV_FAST_TOPK"]
+        else:
+            os.environ["TSV_FAST_TOPK"] = saved
 
 
 def providers_for(device: torch.device, wanted: Sequence[str] | None = None) -> list[str]:
@@ -186,6 +206,7 @@ def providers_for(device: torch.device, wanted: Sequence[str] | None = None) -> 
     names = ["authors"] + [name for name, reasons in available_backends(device).items() if not reasons]
     if wanted:
         names.append("exact")  # opt-in only: it is the authors' route again
+        names += list(TOPK_PROVIDERS) if "torch" in names else []
         missing = [name for name in wanted if name not in names]
         if missing:
             reasons = available_backends(device)

@@ -14,7 +14,14 @@ layers and ``[L, T, ...]`` for T tasks per layer):
     base + α·A Bᵀ, cast once.
 
 ``TorchBackend`` is the always-available implementation; faster backends subclass it and replace
-only the ops they accelerate. ``resolve_backend("auto", device)`` takes the first backend of
+only the ops they accelerate. Its ``task_factors`` has two routes (``TorchBackend.topk_route``): the
+float64 Gram + MRRR eigensolver, and a certified block Krylov iteration with float32 GEMMs
+(``tsv_fast.backends.krylov``; uncertified tasks are recomputed by the Gram route). ``auto`` takes
+the Krylov route only on device types listed in ``torch_backend.KRYLOV_AUTO`` (none so far: measured
+slower than the Gram route on real task vectors on the CPU, unmeasured on CUDA);
+``TSV_FAST_TOPK=gram|krylov|auto`` overrides it. On the CPU both routes spread the tasks of a call
+over ``torch.get_num_threads()`` single-threaded workers (torch ops and the LAPACK calls of
+``_lapack`` release the GIL). ``resolve_backend("auto", device)`` takes the first backend of
 ``AUTO_ORDER`` that can serve the device; an explicitly named backend that cannot serve raises with
 its reasons. ``TSV_FAST_BACKEND`` overrides the default ``"auto"``.
 """

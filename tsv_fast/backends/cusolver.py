@@ -227,6 +227,7 @@ class CusolverBackend(TorchBackend):
     """TorchBackend with cuSOLVER's batched eigensolvers (and optionally its batched top-k SVD)."""
 
     name = "cusolver"
+    topk = "gram"  # its factor_route "gram" means the Gram route with cuSOLVER's eigensolvers
 
     def __init__(self, factor_route: str = "gram", eigh_method: str = "auto") -> None:
         if factor_route not in ("gram", "svd"):
