@@ -17,6 +17,7 @@ The 2-process speed-up needs a quiet machine (2 cores: each rank wants one). Usa
 
     python bench/bench_distributed.py                          # ViT-B/32 (12 blocks), T = 8, 1 vs 2 procs, 3 runs
     python bench/bench_distributed.py --blocks 1 --runs 1 --note smoke   # check the script, ~1 min
+    python bench/bench_distributed.py --threads                # + one process on 2 threads (same cores)
     python bench/bench_distributed.py --balance-only           # the cost-model figures alone
 """
 from __future__ import annotations
@@ -121,6 +122,8 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=8)
     parser.add_argument("--procs", type=int, default=2, help="processes of the distributed run (default 2)")
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--threads", action="store_true", help="also one process on --procs threads (the torch "
+                        "backend spreads a chunk's tasks over torch.get_num_threads() workers)")
     parser.add_argument("--balance-only", action="store_true")
     parser.add_argument("--data", type=Path, default=None, help="folder for the checkpoints (default: temporary)")
     parser.add_argument("--note", default="")
@@ -159,43 +162,52 @@ def measure(args) -> dict:
         subprocess.run([sys.executable, "-c", GENERATE, str(args.blocks), str(args.tasks), str(data)], check=True, env=env)
     merge = ["tsv_fast", "merge", "--base", str(paths[0]), *map(str, paths[1:]), "--no-progress"]
     launcher = ["torch.distributed.run", "--standalone", f"--nproc-per-node={args.procs}", "-m"]
-    walls: dict[int, list[float]] = {1: [], args.procs: []}
-    peaks: dict[int, list[int]] = {1: [], args.procs: []}
-    seconds: dict[int, list[list[float]]] = {1: [], args.procs: []}
+    # label -> (processes, threads per process); "1xN": one process whose tasks run on N threads
+    setups = {"1": (1, 1), str(args.procs): (args.procs, 1),
+              **({f"1x{args.procs}threads": (1, args.procs)} if args.threads else {})}
+    walls: dict[str, list[float]] = {label: [] for label in setups}
+    peaks: dict[str, list[list[int]]] = {label: [] for label in setups}
+    seconds: dict[str, list[list[float]]] = {label: [] for label in setups}
     load = [os.getloadavg()]
     for run in range(args.runs):
-        for procs in (1, args.procs):  # interleaved: slow drifts of the machine hit both alike
-            out, report = data / f"out-{procs}", data / f"report-{procs}.json"
-            for path in (report,):
-                path.unlink(missing_ok=True)
+        for label, (procs, threads) in setups.items():  # interleaved: slow drifts of the machine hit all alike
+            out, report = data / f"out-{label}", data / f"report-{label}.json"
+            report.unlink(missing_ok=True)
             command = ([*merge, "-o", str(out), "--report", str(report)] if procs == 1 else
                        [*launcher, *merge, "-o", str(out), "--report", str(report)])
-            measured = run_measured(command, env)
+            threads_env = {name: str(threads) for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
+            measured = run_measured(command, dict(env, **threads_env))
             ranks = json.loads(report.read_text()).get("ranks")
-            walls[procs].append(measured["wall_seconds"])
-            peaks[procs].append([r["peak_rss_bytes"] for r in ranks] if ranks else [measured["peak_rss_bytes"]])
-            seconds[procs].append([round(r["seconds"], 2) for r in ranks] if ranks else
+            walls[label].append(measured["wall_seconds"])
+            peaks[label].append([r["peak_rss_bytes"] for r in ranks] if ranks else [measured["peak_rss_bytes"]])
+            seconds[label].append([round(r["seconds"], 2) for r in ranks] if ranks else
                                   [round(json.loads(report.read_text())["seconds"], 2)])
-            print(f"run {run + 1}/{args.runs}, {procs} process(es): {measured['wall_seconds']:.1f} s wall, "
-                  f"peak {[round(p / 2**20) for p in peaks[procs][-1]]} MiB", flush=True)
+            print(f"run {run + 1}/{args.runs}, {procs} process(es) x {threads} thread(s): "
+                  f"{measured['wall_seconds']:.1f} s wall, peak {[round(p / 2**20) for p in peaks[label][-1]]} MiB",
+                  flush=True)
         load.append(os.getloadavg())
-    same = compare(data / "out-1", data / f"out-{args.procs}")
+    many = str(args.procs)
+    same = compare(data / "out-1", data / f"out-{many}")
     checkpoint_bytes = paths[0].stat().st_size
-    ratio = statistics.median(walls[1]) / statistics.median(walls[args.procs])
-    in_merge = statistics.median(s[0] for s in seconds[1]) / statistics.median(max(s) for s in seconds[args.procs])
+    ratio = statistics.median(walls["1"]) / statistics.median(walls[many])
+    in_merge = statistics.median(s[0] for s in seconds["1"]) / statistics.median(max(s) for s in seconds[many])
     print(f"speed-up {ratio:.2f}x with {args.procs} processes, whole command (goal >= {GOAL}x: "
           f"{'met' if ratio >= GOAL else 'NOT met'}); in the merge {in_merge:.2f}x; outputs: {same}", flush=True)
+    threaded = {}
+    if args.threads:  # the same cores as threads of one process (the torch backend's task workers)
+        label = f"1x{args.procs}threads"
+        threaded = {"threads_speedup_median": round(statistics.median(walls["1"]) / statistics.median(walls[label]), 3),
+                    "threads_outputs": compare(data / "out-1", data / f"out-{label}")}
+        print(f"one process on {args.procs} threads: {threaded['threads_speedup_median']:.2f}x, whole command", flush=True)
     if temp:
         temp.cleanup()
     return {"workload": f"vit-b-32 [{args.blocks} blocks]", "T": args.tasks, "dtype": "float32",
             "checkpoint_bytes": checkpoint_bytes,
-            "runs": args.runs, "processes": [1, args.procs],
-            "wall_seconds": {str(k): v for k, v in walls.items()},
-            "wall_median_seconds": {str(k): statistics.median(v) for k, v in walls.items()},
+            "runs": args.runs, "setups_processes_threads": setups,
+            "wall_seconds": walls, "wall_median_seconds": {k: statistics.median(v) for k, v in walls.items()},
             "speedup_median": round(ratio, 3), "goal": GOAL, "goal_met": ratio >= GOAL,
             "in_merge_speedup_median": round(in_merge, 3),
-            "merge_seconds_per_rank": {str(k): v for k, v in seconds.items()},
-            "peak_rss_bytes_per_rank": {str(k): v for k, v in peaks.items()},
+            "merge_seconds_per_rank": seconds, "peak_rss_bytes_per_rank": peaks, **threaded,
             "load_average_1_5_15_between_runs": [[round(x, 2) for x in entry] for entry in load],
             "outputs": same}
 
