@@ -11,7 +11,7 @@ LOCAL_RANK with NCCL; CPU: gloo). Then:
   output whole (io.sink.commit_shards), exactly as one process commits its own;
 * a TSV-C library or STI scores (``run_gathered``): each rank's outputs are gathered on rank 0, which
   replays them, in plan order, into the sink one process would have used (the TSV-C factors are about
-  1/T of the model, which one process holds too).
+  2/T of the task vectors, which one process holds too).
 
 Failures (``outcome``): every step that can fail ends in an all_gather of every rank's status, so all
 ranks agree. A rank that fails first says so in the process group's store; the others see it before
