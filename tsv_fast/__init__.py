@@ -22,6 +22,8 @@ _EXPORTS = {
     "compress": "tsv_fast.api",
     "interference": "tsv_fast.api",
     "lora_tsv_merge": "tsv_fast.api",
+    "merge_compressed": "tsv_fast.api",
+    "append_tasks": "tsv_fast.api",
     "Options": "tsv_fast.options",
     "Report": "tsv_fast.engine.report",
     "CompressedTasks": "tsv_fast.io.tsvc",

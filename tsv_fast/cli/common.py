@@ -116,6 +116,16 @@ def open_all(base: Optional[Path], models: list[Path], allow_pickle: bool):
     return pre, [open_checkpoint(m, allow_pickle=allow_pickle) for m in models]
 
 
+def open_tasks(base: Path, models: list[Path], allow_pickle: bool):
+    """(base, tasks): full checkpoints, or PEFT LoRA adapters of the base (read from their factors)."""
+    from ..io.peft import load_adapter
+    from ..io.sources import open_checkpoint
+
+    if lora_models(models):
+        return open_checkpoint(base, allow_pickle=allow_pickle), [load_adapter(m) for m in models]
+    return open_all(base, models, allow_pickle)
+
+
 def parse_dtype_option(name: Optional[str]):
     from ..options import parse_dtype
 

@@ -31,6 +31,7 @@ KEYS = {
     "common_space_fraction": "unit", "exclude": "strings", "dtype": "compute_dtype", "out_dtype": "out_dtype",
     "device": "str", "backend": "backend", "max_shard_size": "size", "max_chunk_size": "size",
     "allow_pickle": "bool", "exact": "bool", "missing_keys": "missing_keys", "copy_configs": "bool",
+    "as_adapter": "bool", "max_rank": "int", "tasks": "ints",
 }
 ALIASES = {"method": "merge_method"}
 #: what may sit under `parameters:` (method parameters, mergekit-style)
@@ -126,6 +127,10 @@ def typed_value(where: str, kind: str, value):
     if kind == "int":
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise bad("a whole number >= 0")
+        return value
+    if kind == "ints":
+        if not isinstance(value, list) or not value or not all(type(v) is int and v >= 0 for v in value):
+            raise bad("a list of whole numbers >= 0, e.g. [0, 2, 5]")
         return value
     if kind in ("str", "path"):
         if not isinstance(value, str) or not value:

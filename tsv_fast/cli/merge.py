@@ -41,6 +41,9 @@ def merge(
     exact: bool = typer.Option(False, "--exact", help="The authors' full-SVD route (one SVD per task, Procrustes by SVD) in the compute dtype: their numerics, about 2.5x slower. With --dtype float64 it writes float64 unless --out-dtype says otherwise."),
     missing_keys: Optional[str] = typer.Option(None, help="Keys some checkpoints lack: base (buffers and keys transformers ignores come from the base; others are refused), zero (a missing key is a zero task vector), error. Default: base."),
     copy_configs: Optional[bool] = typer.Option(None, "--copy-configs/--no-copy-configs", help="Copy config.json (dtype set to the output's), generation config and tokenizer files of a base model folder into a folder output. Default: copy."),
+    as_adapter: bool = typer.Option(False, "--as-adapter", help="LoRA inputs: write the merged update as a PEFT LoRA adapter folder (-o DIR), not full weights."),
+    max_rank: Optional[int] = typer.Option(None, help="--as-adapter: keep each module's top R singular triplets of the merged update (prints the energy kept)."),
+    tasks: Optional[str] = typer.Option(None, help="A TSV-C library input: which stored tasks to merge, e.g. 0,2,5. Default: all."),
     shard: Optional[str] = typer.Option(None, help="Write only part I of N (0 <= I < N) of the output, for job arrays without a rendezvous; then `tsv-fast finalize OUTPUT`."),
 ):
     """Merge fine-tuned checkpoints (or PEFT LoRA adapters) into one model, streamed to safetensors.
@@ -50,11 +53,15 @@ def merge(
     Methods:  --method tsv-m (default, TSV-M), iso-c, iso-cts (Iso-C / Iso-CTS), ta (Task Arithmetic)
 
     LoRA:  tsv-fast merge -b llama-7b/ lora-math/ lora-code/ -o merged/   (adapter folders with
-    adapter_config.json; their SVDs come from the low-rank factors, never from dense deltas)
+    adapter_config.json; their SVDs come from the low-rank factors, never from dense deltas);
+    add --as-adapter [--max-rank R] to write a merged LoRA adapter folder instead
+
+    TSV-C:  tsv-fast merge -b pre.safetensors tasks.tsvc --tasks 0,2,5 -o merged.safetensors   (merges
+    stored tasks from their factors, k = min(stored k, the rank rule) per task)
 
     Or with a YAML config (keys: base_model, models, merge_method, parameters, alpha, rank_fraction,
     exclude, dtype, out_dtype, device, max_shard_size, backend, output, exact, missing_keys,
-    copy_configs):  tsv-fast merge -c merge.yaml
+    copy_configs, as_adapter, max_rank, tasks):  tsv-fast merge -c merge.yaml
 
     Models may be paths or Hugging Face model ids (org/name or org/name@revision, fetched into the
     hub cache; HF_HUB_OFFLINE=1 reads the cache only); a path that exists always wins.
@@ -73,7 +80,8 @@ def merge(
                  "common_space_fraction": common_space_fraction, "exclude": list(exclude) if exclude else None,
                  "dtype": dtype, "out_dtype": out_dtype, "device": device, "max_shard_size": max_shard_size,
                  "backend": backend, "max_chunk_size": max_chunk_size, "allow_pickle": allow_pickle or None,
-                 "exact": exact or None, "missing_keys": missing_keys, "copy_configs": copy_configs}
+                 "exact": exact or None, "missing_keys": missing_keys, "copy_configs": copy_configs,
+                 "as_adapter": as_adapter or None, "max_rank": max_rank, "tasks": parse_tasks(tasks) if tasks else None}
         for key, value in flags.items():
             if value is not None:
                 job.values[key] = typed_value(f"--{key.replace('_', '-')}", KEYS[key], value)
@@ -92,6 +100,14 @@ def merge(
             return run_merge_command(job, report_path=report, progress=progress, dist=dist, shard=part)
 
     run_command(body)
+
+
+def parse_tasks(text: str) -> list[int]:
+    """'0,2,5' -> [0, 2, 5]."""
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise CliError(f"--tasks {text!r}: expected task numbers separated by commas, e.g. 0,2,5") from None
 
 
 def job_options(job: MergeJob, progress: bool):
@@ -132,44 +148,97 @@ def run_merge_command(job: MergeJob, *, report_path: Optional[Path] = None, prog
 
     allow_pickle = job.get("allow_pickle", False)
     lora = lora_models(job.models)
+    library = len(job.models) == 1 and is_library(job.models[0])
+    as_adapter, max_rank, tasks = job.get("as_adapter", False), job.get("max_rank"), job.get("tasks")
     if lora and options.exact:
         raise CliError("--exact is for full checkpoints: the SVD of a LoRA update is already exact (from its factors)")
+    if max_rank is not None and not as_adapter:
+        raise CliError("--max-rank truncates a merged adapter: add --as-adapter")
+    if max_rank is not None and max_rank < 1:
+        raise CliError(f"--max-rank must be at least 1, got {max_rank}")
+    if as_adapter and not lora:
+        raise CliError("--as-adapter writes a merged LoRA adapter; it needs PEFT LoRA adapter folders as inputs")
+    if as_adapter and job.output.endswith(".safetensors"):
+        raise CliError(f"--as-adapter writes a folder (adapter_config.json + adapter_model.safetensors); "
+                       f"-o {job.output} is a file name")
+    if not library and any(is_library(m) for m in job.models):
+        raise CliError("a TSV-C library is merged on its own: pass one .tsvc file (and --tasks to pick its tasks)")
+    if tasks is not None and not library:
+        raise CliError("--tasks picks stored tasks of a TSV-C library (one .tsvc input)")
+    if (lora or library) and job.weights is not None:
+        raise CliError("per-model weights are not supported for LoRA adapters or TSV-C libraries")
     if lora:
         from ..engine.adapters import AdapterTasks
         from ..io.peft import load_adapter
 
-        if job.weights is not None:
-            raise CliError("per-model weights are not supported for LoRA adapters")
         pre = open_checkpoint(job.base_model, allow_pickle=allow_pickle)
         source = AdapterTasks(pre, [load_adapter(m) for m in job.models])
+    elif library:
+        from ..engine.tsvc import LibraryTasks
+        from ..io.tsvc import TsvcLibrary
+
+        if options.exact:
+            raise CliError("--exact is for full checkpoints: a TSV-C library stores factors already")
+        pre = open_checkpoint(job.base_model, allow_pickle=allow_pickle)
+        source = LibraryTasks(pre, TsvcLibrary(job.models[0]), tasks)
     else:
         pre, fts = open_all(Path(job.base_model), [Path(m) for m in job.models], allow_pickle)
         source = DenseTasks(pre, fts, job.weights)
     out_dtype = options.out_dtype
     dtype = str(out_dtype or _main_dtype(pre)).replace("torch.", "")
+    extra = {"rank_rule": "k = int(min(m, n) * rank_fraction) per task, rank_fraction = 1/T by default",
+             "T": str(source.num_tasks), "dtype": dtype,
+             "exclude": ",".join(options.exclude), "package": f"tsv_fast {__version__}",
+             "base_model": _name(names[0]), "models": json.dumps([_name(m) for m in names[1:]]),
+             **({"weights": json.dumps(job.weights)} if job.weights else {})}
     quiet = quiet or (dist is not None and dist.rank > 0)  # rank 0 speaks for the run
-    sink_args = dict(
-        max_shard_bytes=job.get("max_shard_size"), inputs=[job.base_model, *job.models],
-        expected_bytes=checkpoint_nbytes(pre, out_dtype), out_dtype=out_dtype,
-        extra_metadata={"rank_rule": "k = int(min(m, n) * rank_fraction) per task, rank_fraction = 1/T by default",
-                        "T": str(source.num_tasks), "dtype": dtype,
-                        "exclude": ",".join(options.exclude), "package": f"tsv_fast {__version__}",
-                        "base_model": _name(names[0]), "models": json.dumps([_name(m) for m in names[1:]]),
-                        **({"weights": json.dumps(job.weights)} if job.weights else {})},
-        extra_files=config_files(job.base_model, job.output, dtype, job.get("copy_configs", True)))
+    if as_adapter and (dist is not None or shard is not None):
+        raise CliError("--as-adapter writes one adapter from one process; run it without torchrun or --shard")
+    if as_adapter:  # a PEFT adapter folder: no model config or tokenizer goes into it
+        from ..io.peft_out import AdapterSink
+
+        sink = AdapterSink(source.adapters, max_rank=max_rank, dtype=out_dtype)
+        extra["dtype"] = str(sink.dtype).replace("torch.", "")
+    else:
+        sink_args = dict(
+            max_shard_bytes=job.get("max_shard_size"), inputs=[job.base_model, *job.models],
+            expected_bytes=checkpoint_nbytes(pre, out_dtype), out_dtype=out_dtype, extra_metadata=extra,
+            extra_files=config_files(job.base_model, job.output, dtype, job.get("copy_configs", True)))
     if not quiet:
-        kind = "LoRA adapters" if lora else "models"
+        kind = "LoRA adapters" if lora else f"tasks of {job.models[0]}" if library else "models"
+        into = f"a LoRA adapter at {job.output}" if as_adapter else job.output
         where = (f" on {dist.world} ranks" if dist is not None else
                  f" (part {shard.index} of {shard.count})" if shard is not None else "")
-        typer.echo(f"merging {source.num_tasks} {kind} into {job.output} with {method.name}{where} (base {pre.name})")
-    out_path, rep = write_model(job.output, sink_args, source, method, options, dist=dist, shard=shard,
-                                compute_sti=method.name == "tsv-m")
+        typer.echo(f"merging {source.num_tasks} {kind} into {into} with {method.name}{where} (base {pre.name})")
+    if as_adapter:
+        from ..engine.run import run
+
+        out_path, rep = run(source, method, options, sink, compute_sti=method.name == "tsv-m", metadata=extra,
+                            low_rank=True)
+    else:
+        out_path, rep = write_model(job.output, sink_args, source, method, options, dist=dist, shard=shard,
+                                    compute_sti=method.name == "tsv-m")
+    if as_adapter:
+        from ..io.peft_out import energy_summary
+
+        adapter = out_path
+        out_path = adapter.save(job.output, inputs=[job.base_model, *job.models])
+        if not quiet:
+            typer.echo(f"adapter ranks {min(adapter.ranks.values(), default=0)}…{max(adapter.ranks.values(), default=0)} "
+                       f"over {len(adapter.ranks)} modules; {energy_summary(adapter)}")
     if report_path is not None and (dist is None or dist.rank == 0):
         write_report(report_path, rep, inputs=[job.base_model, *job.models])
     if not quiet:
         summary(started, Path(out_path))
         rank_summary(rep)
     return Path(out_path), rep
+
+
+def is_library(path: str) -> bool:
+    """A TSV-C file (a safetensors file whose metadata holds the 'tsv_c' header)."""
+    from ..io.outputs import safetensors_metadata
+
+    return Path(path).is_file() and "tsv_c" in safetensors_metadata(Path(path))
 
 
 def _name(model: str) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
 from collections.abc import Iterator
@@ -101,14 +102,19 @@ def plan_options(options, method) -> dict:
 def compress(dist, pre, fts, storage_dtype, **keywords):
     """TSV-C over the ranks of ``dist`` (as api.compress): the CompressedTasks on rank 0, else None."""
     from ..engine.distributed import run_gathered
-    from ..engine.sources import DenseTasks
+    from ..api import _tasks
     from ..methods import get_method
     from ..methods.tsv_c import CompressedSink
     from ..options import Options
 
-    source = DenseTasks(pre, fts)
-    packed, _ = run_gathered(dist, source, get_method("tsv-c", storage_dtype=storage_dtype), Options.of(None, **keywords),
+    source = _tasks(pre, fts)  # full checkpoints or LoRA adapters, as api.compress / api.interference
+    options = Options.of(None, **keywords)
+    packed, _ = run_gathered(dist, source, get_method("tsv-c", storage_dtype=storage_dtype), options,
                              lambda: CompressedSink(source.reference, source.num_tasks))
+    if packed is not None:  # the header api.compress writes
+        packed.metadata.update({"exclude": json.dumps(list(options.exclude)), "min_rank": str(options.min_rank),
+                                **({"rank_overrides": json.dumps(options.rank_overrides)} if options.rank_overrides
+                                   else {})})
     return packed
 
 
@@ -117,13 +123,13 @@ def interference(dist, pre, fts, *, orthogonalized: bool, **keywords):
     import torch
 
     from ..engine.distributed import run_gathered
-    from ..engine.sources import DenseTasks
+    from ..api import _tasks
     from ..io.checkpoint import DictSink
     from ..methods import get_method
     from ..options import Options
 
     keywords.setdefault("compute_dtype", torch.float64)
-    source = DenseTasks(pre, fts)
+    source = _tasks(pre, fts)  # full checkpoints or LoRA adapters, as api.compress / api.interference
     scores, _ = run_gathered(dist, source, get_method("sti", orthogonalized=orthogonalized),
                              Options.of(None, **keywords), DictSink)
     if scores is None:

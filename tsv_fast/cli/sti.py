@@ -13,13 +13,13 @@ from typing import Optional
 import typer
 
 from .app import app
-from .common import (CliError, check_device, guard_outputs, local_inputs, open_all, parse_overrides, run_command,
+from .common import (CliError, check_device, guard_outputs, local_inputs, open_tasks, parse_overrides, run_command,
                      summary)
 
 
 @app.command()
 def interference(
-    models: list[Path] = typer.Argument(..., help="Fine-tuned checkpoints."),
+    models: list[Path] = typer.Argument(..., help="Fine-tuned checkpoints, or PEFT LoRA adapter folders of the base."),
     base: Path = typer.Option(..., "--base", "-b", help="The pretrained checkpoint."),
     output: Path = typer.Option(Path("sti.json"), "--output", "-o", help="Per-layer STI as .json or .csv."),
     plot: Optional[Path] = typer.Option(None, help="PNG of STI per layer, grouped by block (paper Fig. 6)."),
@@ -51,7 +51,7 @@ def interference(
         from ..methods.sti import per_block
         from . import ranks
 
-        pre, fts = open_all(Path(inputs[0]), [Path(m) for m in inputs[1:]], allow_pickle)
+        pre, fts = open_tasks(Path(inputs[0]), [Path(m) for m in inputs[1:]], allow_pickle)
         if heatmap is not None and layer is not None and layer not in pre.keys():
             raise CliError(f"layer {layer!r} not found in {pre.name}")
         with ranks.launched(device) as (dist, rank_device):  # torchrun: the layers split over the ranks
@@ -146,15 +146,26 @@ def block_similarity(pre, fts, key: str, options: dict):
     shape = pre.shape(key)
     if len(shape) != 2:
         raise CliError(f"layer {key!r} has shape {shape}, not a matrix")
-    lacking = [c.name for c in fts if key not in c.keys()]
+    lacking = [c.name for c in fts if key not in c.keys() and not hasattr(c, "factor")]  # (adapters: a zero Δ)
     if lacking:
         raise CliError(f"layer {key!r} is missing from {lacking[0]}; choose another --layer")
     k = Options(**options).rank(key, shape, len(fts))
     if k == 0:
         raise CliError(f"layer {key!r}: rank per task is 0 for {len(fts)} tasks")
     dev = torch.device(options.get("device") or "cpu")
-    ft = torch.stack([c.load(key).to(dev) for c in fts]).unsqueeze(0)
-    u = resolve_backend(None, dev).task_factors(ft, pre.load(key).to(dev).unsqueeze(0), k)[0][0]  # [T, m, k]
+    backend = resolve_backend(None, dev)
+    if hasattr(fts[0], "factor"):  # LoRA adapters: each Uₜ from its factors, zero columns where it has fewer
+        base = pre.load(key).to(dev)
+        us = []
+        for task in fts:
+            factor, delta = task.factor(key), task.delta(key, base, torch.float64)
+            u = (factor.svd(k, dev)[0] if factor is not None else torch.zeros(shape[0], 0, dtype=torch.float64)
+                 if delta is None else backend.task_factors(delta[None, None], None, k)[0][0, 0])
+            us.append(torch.nn.functional.pad(u, (0, k - u.shape[1])))
+        u = torch.stack(us)
+    else:
+        ft = torch.stack([c.load(key).to(dev) for c in fts]).unsqueeze(0)
+        u = backend.task_factors(ft, pre.load(key).to(dev).unsqueeze(0), k)[0][0]  # [T, m, k]
     stacked = u.permute(1, 0, 2).reshape(u.shape[1], -1)
     gram = (stacked.mT @ stacked).abs().cpu()
     blocks = torch.linalg.matrix_norm(u.mT.unsqueeze(1) @ u.unsqueeze(0)) / math.sqrt(k)

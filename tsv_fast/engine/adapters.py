@@ -1,10 +1,17 @@
-"""LoRA adapters as a task source: every method runs on T adapters of one base without densifying.
+"""Factored tasks as a source: every method runs on T LoRA adapters (or TSV-C library tasks) of one
+base without densifying.
 
-A task's factors come from its low-rank pieces (``io.peft.LoraFactor.svd``: QR of each side and an
-r×r SVD, O((m + n) r²)), so a task keeps min(k, r) triplets and the stacks are Σₜ rₜ columns wide;
-the orthogonalisation and reconstruction are the dense route's, so the result equals the method on
-the dense task vectors. Weights an adapter saves whole (``modules_to_save``, biases) are task vectors
-full − base, factored by the backend. Keys no adapter touches pass through from the base.
+A task's factors come from its low-rank pieces (``io.peft.lowrank_svd``: QR of each side and a small
+SVD, O((m + n) r²)), so a task keeps min(k, r) triplets and the stacks are Σₜ rₜ columns wide; the
+orthogonalisation and reconstruction are the dense route's, so the result equals the method on the
+dense task vectors. The sum of the tasks, where a method needs it (Iso-C, Iso-CTS, Task Arithmetic
+with factored outputs), is factored the same way from the concatenated pieces. Weights a task stores
+whole (``modules_to_save``, biases, a library's averaged keys) are dense task vectors, factored by
+the backend. Keys no task touches pass through from the base.
+
+A task answers ``name``, ``keys()``, ``shape(key)``, ``factor(key)`` (an ``io.peft.LoraFactor`` or
+None) and ``delta(key, base, dtype)`` (a dense task vector or None): ``io.peft.LoraAdapter`` and
+``io.tsvc.LibraryTask`` do.
 """
 from __future__ import annotations
 
@@ -14,13 +21,15 @@ import torch
 from torch import Tensor
 
 from ..io.checkpoint import Checkpoint
-from ..io.peft import LoraAdapter
+from ..io.peft import lowrank_svd
 from ..reference import ZERO_RTOL
 from .sources import F64, Chunk, Factors, TaskSource, load_checked
 
 
 class AdapterTasks(TaskSource):
-    def __init__(self, base: Checkpoint, adapters: Sequence[LoraAdapter]):
+    factored = True
+
+    def __init__(self, base: Checkpoint, adapters: Sequence):
         if not adapters:
             raise ValueError("need at least one LoRA adapter")
         self.base, self.adapters = base, list(adapters)
@@ -35,14 +44,13 @@ class AdapterTasks(TaskSource):
                     raise ValueError(f"{task.name}: adapts {key!r}, which {self.base.name} does not have"
                                      + (f" (similar base keys: {close})" if close else "")
                                      + "; is the adapter for another model?")
-                want = self.base.shape(key)
-                got = task.factors[key].shape() if key in task.factors else tuple(task.full[key].shape)
+                want, got = self.base.shape(key), task.shape(key)
                 if tuple(got) != tuple(want):
                     raise ValueError(f"{task.name}: key {key!r} has shape {tuple(got)} but {self.base.name} "
                                      f"has {tuple(want)}")
 
     def touched(self, key: str) -> bool:
-        return any(key in task.factors or key in task.full for task in self.adapters)
+        return any(key in task.keys() for task in self.adapters)
 
     def base_tensor(self, key: str, device: torch.device) -> Tensor:
         return load_checked(self.base, key, device)
@@ -50,12 +58,12 @@ class AdapterTasks(TaskSource):
     def deltas(self, key: str, dtype: torch.dtype, device: torch.device) -> Iterator[Tensor]:
         weight = load_checked(self.base, key, device)
         for task in self.adapters:
-            if key in task.factors:
-                yield task.factors[key].dense(dtype).to(device)
-            elif key in task.full:
-                yield task.full[key].to(device, dtype) - weight.to(dtype)
-            else:
-                yield torch.zeros(weight.shape, dtype=dtype, device=device)
+            factor = task.factor(key)
+            if factor is not None:
+                yield factor.dense(dtype).to(device)
+                continue
+            delta = task.delta(key, weight, dtype)
+            yield torch.zeros(weight.shape, dtype=dtype, device=device) if delta is None else delta.to(device, dtype)
 
     def chunks(self, groups, backend, options, device) -> Iterator[tuple[Chunk, list[str]]]:
         for group in groups:
@@ -67,12 +75,12 @@ class AdapterTasks(TaskSource):
                     yield AdapterChunk(self, [key], group, base, backend, device), []
 
     @staticmethod
-    def _is_zero(task: LoraAdapter, key: str, base: Tensor) -> bool:
-        if key in task.factors:
-            return task.factors[key].is_zero()
-        if key in task.full:
-            return torch.equal(task.full[key].to(base.device, base.dtype), base)
-        return True
+    def _is_zero(task, key: str, base: Tensor) -> bool:
+        factor = task.factor(key)
+        if factor is not None:
+            return factor.is_zero()
+        delta = task.delta(key, base, base.dtype)
+        return delta is None or not bool(delta.any())
 
 
 class AdapterChunk(Chunk):
@@ -82,15 +90,22 @@ class AdapterChunk(Chunk):
         self.shape, self.rank, self.out_dtype = group.shape, group.rank, group.out_dtype
         self.base = None if base is None else base.unsqueeze(0)
 
+    @property
+    def factored_only(self) -> bool:
+        key = self.keys[0]
+        return all(key not in task.keys() or task.factor(key) is not None for task in self.source.adapters)
+
     def task_factors(self, k: int, project_out: Tensor | None = None) -> Factors:
         key, (m, n) = self.keys[0], self.shape
         project = None if project_out is None else project_out[0]
         parts = []
         for task in self.source.adapters:
-            if key in task.factors:
-                parts.append(task.factors[key].svd(k, self.device, project))
-            elif key in task.full:  # a dense replacement: the dense route for this one task
-                delta = task.full[key].to(self.device, F64) - self.base[0].to(F64)
+            factor = task.factor(key)
+            delta = None if factor is not None else task.delta(key, self.base[0], F64)
+            if factor is not None:
+                parts.append(factor.svd(k, self.device, project))
+            elif delta is not None:  # a weight stored whole: the dense route for this one task
+                delta = delta.to(self.device)
                 floor = ZERO_RTOL * torch.linalg.matrix_norm(delta)
                 if project is not None:
                     delta = delta - project @ (project.mT @ delta)
@@ -108,3 +123,12 @@ class AdapterChunk(Chunk):
         for delta in self.source.deltas(self.keys[0], F64, self.device):
             total += delta
         return total[None]
+
+    def sum_factors(self, k: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Σₜ Δₜ = [L₁ … L_T] [R₁ … R_T]ᵀ: its top-k triplets from the concatenated pieces."""
+        if not self.factored_only:
+            return super().sum_factors(k)
+        sides = [factor.sides(self.device) for task in self.source.adapters
+                 if (factor := task.factor(self.keys[0])) is not None]
+        u, sigma, v = lowrank_svd(torch.cat([s[0] for s in sides], dim=1), torch.cat([s[1] for s in sides], dim=1), k)
+        return u[None], sigma[None], v[None]

@@ -32,8 +32,10 @@ class Plan:
         return sum(len(group.keys) for group in self.groups)
 
 
-def make_plan(source, method, options: Options) -> Plan:
-    """Sort the keys of ``source`` (checked consistent beforehand) for ``method``."""
+def make_plan(source, method, options: Options, low_rank: bool = False) -> Plan:
+    """Sort the keys of ``source`` (checked consistent beforehand) for ``method``; ``low_rank``: the
+    run hands the sink factored updates, so a method may factor keys it would otherwise combine
+    elementwise (Task Arithmetic)."""
     reference = source.reference
     groups: dict[tuple, list[str]] = {}
     elementwise, unchanged, zero_rank = [], [], []
@@ -41,7 +43,7 @@ def make_plan(source, method, options: Options) -> Plan:
         shape, dtype = tuple(reference.shape(key)), reference.dtype(key)
         if not dtype.is_floating_point or not source.touched(key):
             unchanged.append(key)
-        elif not method.factored or not is_merged_as_matrix(key, shape, options.exclude):
+        elif not method.factors(low_rank) or not is_merged_as_matrix(key, shape, options.exclude):
             elementwise.append(key)
         else:
             rank = method.rank(key, shape, source.num_tasks, options)

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from ..backends import Backend, ExactBackend, resolve_backend
-from ..io.checkpoint import DictSink, Sink
+from ..io.checkpoint import DictSink, LowRank, Sink
 from ..options import Options, dtype_name
 from ..reference import warn_zero_rank
 from .heap import bound_heap_growth
@@ -35,6 +35,7 @@ class Context:
     device: torch.device
     num_tasks: int
     compute_sti: bool = False
+    low_rank: bool = False   # hand the sink LowRank updates where a chunk's tasks are all factored
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -60,12 +61,19 @@ def backend_for(options: Options, device: torch.device) -> Backend:
 
 
 def run(source, method, options: Options, sink: Sink | None = None, *, compute_sti: bool = False,
-        metadata: dict[str, str] | None = None, part: Part | None = None) -> tuple[object, Report]:
+        metadata: dict[str, str] | None = None, low_rank: bool = False, part: Part | None = None
+        ) -> tuple[object, Report]:
     """Run ``method`` over ``source``; the sink receives one output per key. Returns what the sink's
-    ``close`` returns (a dict for DictSink, a path for file sinks) and the Report.
+    ``close`` returns (a dict for DictSink, a path for file sinks) and the Report. The run owns the
+    sink: whatever fails or interrupts it, from the first check on, aborts the sink.
+
+    ``low_rank`` (factored sources and weight methods only): the sink receives updates instead of
+    weights: an ``io.checkpoint.LowRank`` α·M = left rightᵀ for each matrix whose tasks are all
+    factored, the merged weight for every other key the tasks change, nothing for keys they leave.
 
     ``part``: run only this part's keys of the plan (a rank of a distributed run or a ``--shard``
-    job, engine.partition); nothing else is read."""
+    job, engine.partition); nothing else is read.
+    """
     started = time.perf_counter()
     bound_heap_growth()
     sink = sink or DictSink()
@@ -73,13 +81,22 @@ def run(source, method, options: Options, sink: Sink | None = None, *, compute_s
     def emit(key: str, value: object) -> None:
         if isinstance(value, Tensor):  # weights in the output dtype (unchanged keys: the base, exactly)
             value = value.to(out_device, ctx.out_dtype(value.dtype) if method.writes == "weights" else value.dtype)
+        elif isinstance(value, LowRank):
+            value = value.to(out_device)
         if value is not None:
             sink.write(key, value)
 
+    def keep(key: str) -> None:  # a key no task changes: its base weight, which is no update
+        if not low_rank:
+            emit(key, method.unchanged(key, source.base_tensor(key, device), ctx))
+
     try:  # from here on any failure drops the sink's partial output
         method.check_options(options)
+        if low_rank and not (source.factored and method.writes == "weights"):
+            raise ValueError(f"factored outputs need factored inputs (LoRA adapters, a TSV-C library) and a merge "
+                             f"method; got {type(source).__name__} and {method.name!r}")
         source.check(options)
-        plan = make_plan(source, method, options)
+        plan = make_plan(source, method, options, low_rank)
         if method.uses_rank_rule and (part is None or part.index == 0):
             warn_zero_rank(plan.zero_rank)  # once, for the whole plan
         if part is not None:
@@ -88,20 +105,20 @@ def run(source, method, options: Options, sink: Sink | None = None, *, compute_s
         backend = backend_for(options, device)
         report = Report(backend=backend.name, method=method.name, num_tasks=source.num_tasks,
                         averaged=list(plan.elementwise), zero_rank=list(plan.zero_rank))
-        ctx = Context(backend, options, device, source.num_tasks, compute_sti)
+        ctx = Context(backend, options, device, source.num_tasks, compute_sti, low_rank)
         out_device = source.reference.device
         for key in plan.elementwise:
             emit(key, method.elementwise(key, source.base_tensor(key, device),
                                          source.deltas(key, options.compute_dtype, device), ctx))
         for key in [*plan.unchanged, *plan.zero_rank]:  # no update, as in the authors' code
-            emit(key, method.unchanged(key, source.base_tensor(key, device), ctx))
+            keep(key)
         with _progress(plan.matrices, options.progress) as bar:  # closed (a newline) on failures too
             for chunk, zero in source.chunks(plan.groups, backend, options, device):
                 if part is not None:
                     part.check()  # another rank failed: stop here
                 for key in zero:  # every task vector is zero here: no factor work
                     report.zero_delta.append(key)
-                    emit(key, method.unchanged(key, source.base_tensor(key, device), ctx))
+                    keep(key)
                 if chunk.keys:
                     for key, value, layer in method.merge_group(chunk, ctx):
                         emit(key, value)
@@ -129,6 +146,7 @@ def run_metadata(method, options: Options, source) -> dict[str, str]:
     if method.uses_rank_rule:
         meta["rank_fraction"] = str(options.rank_fraction or f"1/{source.num_tasks}")
     meta.update(method.metadata())
+    meta.update(source.metadata())
     return meta
 
 

@@ -5,7 +5,9 @@ are task vectors), the task vectors of one key (for elementwise keys), and, for 
 same-shape matrices, chunks that fit the memory budget. A chunk gives a method what it asks for:
 each task's top-k factors (of Δₜ, or of its residual outside a given subspace) and the sum of the
 task vectors. ``DenseTasks`` reads full checkpoints (Δ formed on the fly, never stored);
-``engine.adapters.AdapterTasks`` reads LoRA adapters (factors from the low-rank pieces).
+``engine.adapters.AdapterTasks`` reads LoRA adapters (factors from the low-rank pieces). The module
+runs a little over 400 lines: the source interface, the dense source with its missing-keys policy and
+its chunking read best together.
 """
 from __future__ import annotations
 
@@ -108,6 +110,17 @@ class Chunk:
         """Σₜ Δₜ [L, m, n], float64."""
         raise NotImplementedError
 
+    def sum_factors(self, k: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Top-k triplets of Σₜ Δₜ: U [L, m, k'], σ [L, k'], V [L, n, k'] (k' <= k), float64; numerically
+        zero ones are zero columns or left out. Factored sources never form the m×n sum."""
+        return tuple(t[:, 0] for t in self.backend.task_factors(self.task_sum().unsqueeze(1), None, k))
+
+    @property
+    def factored_only(self) -> bool:
+        """True when every task's Δ of these keys is given by low-rank factors (a method may then hand
+        the sink a ``LowRank`` update instead of dense weights)."""
+        return False
+
 
 class TaskSource:
     """T task vectors of one layout; see the module docstring."""
@@ -115,6 +128,7 @@ class TaskSource:
     num_tasks: int
     reference: Checkpoint   # the layout: the base, or task 0 when the inputs are task vectors
     has_base: bool
+    factored: bool = False  # tasks given by low-rank factors (LoRA adapters, TSV-C libraries)
 
     def check(self, options: Options | None = None) -> None:
         """Raise ValueError naming the input when the tasks do not fit the layout."""
@@ -134,6 +148,10 @@ class TaskSource:
     def chunks(self, groups, backend, options, device) -> Iterator[tuple[Chunk, list[str]]]:
         """(chunk, keys of that chunk whose task vectors are all zero) for every group."""
         raise NotImplementedError
+
+    def metadata(self) -> dict[str, str]:
+        """What the output's metadata should say about these inputs (asked after the run)."""
+        return {}
 
 
 # ------------------------------------------------------------------------------------------------

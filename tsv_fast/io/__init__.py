@@ -7,8 +7,10 @@
 ``sources``        ``open_checkpoint``: safetensors files, HF folders (sharded), torch .pt/.bin files
 ``outputs``        the one guard and transaction of every output (never over an input, whole, locked)
 ``sink``           ``SafetensorsSink``: streamed, sharded, finite-checked outputs; ``save_checkpoint``, ``convert``
-``tsvc``           TSV-C task libraries (``CompressedTasks``, ``save_compressed``, ``load_compressed``)
-``peft``           PEFT LoRA adapters (``load_adapter``): factors and their exact SVDs
+``tsvc``           TSV-C task libraries (``CompressedTasks``, ``save_compressed``, ``load_compressed``), read
+                   lazily as task sources (``TsvcLibrary``) and extended in place (``append_compressed``)
+``peft``           PEFT LoRA adapters in (``load_adapter``): factors and their exact SVDs
+``peft_out``       merged LoRA adapters out (``AdapterSink``, ``MergedAdapter``): PEFT's saved format
 ``hf``             Hugging Face: model ids through the hub cache, configs and tokenizer files for outputs,
                    the keys transformers ignores on load
 =================  ===================================================================================
@@ -23,7 +25,9 @@ _EXPORTS = {
     "outputs": ["Output", "OutputLocked", "check_output", "write_file"],
     "sink": ["SafetensorsSink", "convert", "save_checkpoint"],
     "sources": ["INDEX_NAME", "TORCH_INDEX_NAME", "checkpoint_nbytes", "open_checkpoint"],
-    "tsvc": ["CompressedTasks", "load_compressed", "read_compressed_header", "save_compressed"],
+    "tsvc": ["CompressedTasks", "TsvcLibrary", "append_compressed", "load_compressed", "read_compressed_header",
+             "save_compressed"],
+    "peft_out": ["AdapterSink", "MergedAdapter"],
     "hf": ["is_hub_id", "loadable_files", "resolve_model"],
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}

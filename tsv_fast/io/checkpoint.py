@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -82,8 +83,21 @@ def as_checkpoint(source: object, name: str) -> Checkpoint:
     raise TypeError(f"{name}: expected a state dict, an nn.Module or a checkpoint path, got {type(source).__name__}")
 
 
+@dataclass
+class LowRank:
+    """A matrix update kept factored, as a method hands it to a sink that stores factors (a LoRA
+    adapter): update = left @ rightᵀ, left [m, K], right [n, K] (float64, α applied)."""
+
+    left: Tensor
+    right: Tensor
+
+    def to(self, device: torch.device) -> LowRank:
+        return LowRank(self.left.to(device), self.right.to(device))
+
+
 class Sink:
-    """Receives output tensors one key at a time; ``close`` returns what the caller gets back."""
+    """Receives outputs one key at a time (a tensor, or a ``LowRank`` update where the run asked for
+    factored outputs); ``close`` returns what the caller gets back."""
 
     def write(self, key: str, tensor: Tensor) -> None:
         raise NotImplementedError

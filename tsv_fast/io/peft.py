@@ -37,6 +37,28 @@ _LORA_KEY = re.compile(r"^(?P<module>.+?)\.lora_(?P<kind>embedding_)?(?P<ab>[AB]
 _PREFIX = "base_model.model."
 
 
+def lowrank_svd(left: Tensor, right: Tensor, k: int,
+                project_out: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Top-k triplets (U [m, k'], σ [k'], V [n, k'], k' <= min(k, K)) of Δ = L Rᵀ (L [m, K], R [n, K]),
+    exactly, float64, from QR of each side and the SVD of the K×K core: O((m + n) K²), never m×n.
+
+    Numerically zero triplets (σ <= ZERO_RTOL · σ₁) are dropped. With ``project_out`` (P [m, p],
+    orthonormal columns) those of the residual (I - P Pᵀ) Δ = ((I - P Pᵀ) L) Rᵀ, judged against
+    ZERO_RTOL · ‖Δ‖_F (a residual's own σ₁ can be pure rounding, see engine.sources.Chunk.task_factors).
+    """
+    left, right = left.to(F64), right.to(F64)
+    q_right, r_right = torch.linalg.qr(right)
+    scale = None if project_out is None else torch.linalg.matrix_norm(left @ r_right.mT)
+    if project_out is not None:
+        left = left - project_out @ (project_out.mT @ left)
+    q_left, r_left = torch.linalg.qr(left)
+    p, sigma, wh = torch.linalg.svd(r_left @ r_right.mT)
+    k = min(k, sigma.shape[0])
+    u, sigma, v = (q_left @ p)[:, :k], sigma[:k], (q_right @ wh.mT)[:, :k]
+    keep = sigma > ZERO_RTOL * (sigma[:1].clamp_min(torch.finfo(F64).tiny) if scale is None else scale)
+    return u[:, keep], sigma[keep], v[:, keep]
+
+
 @dataclass
 class LoraFactor:
     """Δ = scale · (B A), transposed when ``transposed`` (fan_in_fan_out layers, embeddings)."""
@@ -45,6 +67,7 @@ class LoraFactor:
     a: Tensor
     scale: float
     transposed: bool
+    embedding: bool = False  # PEFT's lora_embedding_A / _B (transposed as well)
 
     @property
     def rank(self) -> int:
@@ -70,24 +93,9 @@ class LoraFactor:
 
     def svd(self, k: int, device: torch.device | None = None,
             project_out: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-        """Top-k triplets (U [m, k'], σ [k'], V [n, k'], k' <= min(k, r)) of Δ, exactly, float64.
-
-        With ``project_out`` (P [m, p], orthonormal columns) those of the residual (I - P Pᵀ) Δ,
-        which is still of rank <= r: (I - P Pᵀ) L Rᵀ. Cost O((m + n) r²), never an m×n matrix.
-        """
-        left, right = self.sides(device)
-        q_right, r_right = torch.linalg.qr(right)
-        # numerically zero triplets: below ZERO_RTOL of the task's σ₁, or of ‖Δ‖_F for a residual
-        # (whose own σ₁ can be pure rounding, see engine.sources.Chunk.task_factors)
-        scale = None if project_out is None else torch.linalg.matrix_norm(left @ r_right.mT)
-        if project_out is not None:
-            left = left - project_out @ (project_out.mT @ left)
-        q_left, r_left = torch.linalg.qr(left)
-        p, sigma, wh = torch.linalg.svd(r_left @ r_right.mT)
-        k = min(k, sigma.shape[0])
-        u, sigma, v = (q_left @ p)[:, :k], sigma[:k], (q_right @ wh.mT)[:, :k]
-        keep = sigma > ZERO_RTOL * (sigma[:1].clamp_min(torch.finfo(F64).tiny) if scale is None else scale)
-        return u[:, keep], sigma[keep], v[:, keep]
+        """Top-k triplets (U [m, k'], σ [k'], V [n, k'], k' <= min(k, r)) of Δ, exactly, float64;
+        with ``project_out`` those of (I - P Pᵀ) Δ (see ``lowrank_svd``)."""
+        return lowrank_svd(*self.sides(device), k, project_out)
 
     def is_zero(self) -> bool:
         """PEFT initialises B to zero: such an adapter has not changed this weight."""
@@ -96,14 +104,29 @@ class LoraFactor:
 
 @dataclass
 class LoraAdapter:
-    """One PEFT LoRA adapter, keyed by the base model's weight names."""
+    """One PEFT LoRA adapter, keyed by the base model's weight names.
+
+    As a task of ``engine.adapters.AdapterTasks`` it answers ``keys()``, ``shape(key)``,
+    ``factor(key)`` (its low-rank update, or None) and ``delta(key, base, dtype)`` (the task vector of
+    a weight it replaces whole, or None).
+    """
 
     name: str
     factors: dict[str, LoraFactor] = field(default_factory=dict)
     full: dict[str, Tensor] = field(default_factory=dict)  # weights the adapter replaces whole
+    config: dict = field(default_factory=dict)  # its adapter_config.json
 
     def keys(self) -> set[str]:
         return set(self.factors) | set(self.full)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self.factors[key].shape() if key in self.factors else tuple(self.full[key].shape)
+
+    def factor(self, key: str) -> LoraFactor | None:
+        return self.factors.get(key)
+
+    def delta(self, key: str, base: Tensor, dtype: torch.dtype) -> Tensor | None:
+        return self.full[key].to(base.device, dtype) - base.to(dtype) if key in self.full else None
 
 
 def is_adapter(path: str | Path) -> bool:
@@ -152,7 +175,7 @@ def parse_adapter(tensors: Mapping[str, Tensor], config: Mapping, name: str = "a
     """Pair lora_A / lora_B tensors per module and attach each module's scale (PEFT's rules)."""
     pairs: dict[str, dict[str, Tensor]] = {}
     embedding: set[str] = set()
-    adapter = LoraAdapter(name)
+    adapter = LoraAdapter(name, config=dict(config))
     for key, tensor in tensors.items():
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise ValueError(f"{name}: adapter tensor {key!r} {tuple(tensor.shape)} contains NaN or Inf")
@@ -166,8 +189,8 @@ def parse_adapter(tensors: Mapping[str, Tensor], config: Mapping, name: str = "a
                 embedding.add(match["module"])
         elif ".lora_" in plain:
             raise ValueError(f"{name}: cannot interpret adapter tensor {key!r}")
-        else:  # a weight the adapter replaces whole (modules_to_save, biases)
-            adapter.full[re.sub(r"\.modules_to_save\.[^.]+\.", ".", plain)] = tensor
+        else:  # a weight the adapter replaces whole (modules_to_save; biases, of LoRA layers under base_layer)
+            adapter.full[re.sub(r"\.(modules_to_save\.[^.]+|base_layer)\.", ".", plain)] = tensor
     for module, ab in pairs.items():
         if set(ab) != {"A", "B"}:
             raise ValueError(f"{name}: module {module!r} has lora_{''.join(ab)} but not both lora_A and lora_B")
@@ -182,7 +205,7 @@ def parse_adapter(tensors: Mapping[str, Tensor], config: Mapping, name: str = "a
         scale = lora_alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
         # embeddings: PEFT stores A [r, num_embeddings], B [dim, r] and adds (B A)ᵀ
         transposed = module in embedding or bool(config.get("fan_in_fan_out"))
-        adapter.factors[module + ".weight"] = LoraFactor(b, a, float(scale), transposed)
+        adapter.factors[module + ".weight"] = LoraFactor(b, a, float(scale), transposed, module in embedding)
     return adapter
 
 

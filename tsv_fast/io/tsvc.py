@@ -1,5 +1,9 @@
 """TSV-C task libraries: each task's top-k factors per matrix in one safetensors file.
 
+A library is also a task source: ``TsvcLibrary`` reads one task's factors of one key at a time
+(merging any subset of the stored tasks, ``engine.tsvc.LibraryTasks``), and ``append_compressed``
+adds tasks to a file, copying the stored ones byte for byte.
+
 Layout: tensors ``task{i}::{key}::U|S|V`` (Uᵢ [m, k], σᵢ [k], Vᵢ [n, k]) for factored matrices and
 ``task{i}::{key}::delta`` for the other floating keys; the file's metadata key ``tsv_c`` holds a
 JSON header (format, version, T, every original key with shape, dtype, kind and k, the storage
@@ -18,6 +22,7 @@ from torch import Tensor
 
 from ..options import parse_dtype
 from .checkpoint import as_checkpoint
+from .peft import LoraFactor
 from .safetensors import check_space, require_file
 
 TSVC_FORMAT = "tsv-c"
@@ -188,3 +193,154 @@ def load_compressed(path: str | os.PathLike):
     return CompressedTasks(factors, others, shapes, dtypes, num_tasks, metadata)
 
 
+# ------------------------------------------------------------------------------------------------
+# A library read lazily (merging from TSV-C) and extended in place (compress --append)
+# ------------------------------------------------------------------------------------------------
+class TsvcLibrary:
+    """A TSV-C library read one task's tensors of one key at a time: a TSV-C file (only its header
+    up front, each tensor by a positioned read, ``io.safetensors``) or a ``CompressedTasks`` in
+    memory. ``keys[key]`` = {"shape", "dtype", "kind" (factors | delta | zero), "k"}; ``bytes_read``
+    counts the tensor bytes read so far."""
+
+    def __init__(self, source: str | os.PathLike | CompressedTasks):
+        self.bytes_read = 0
+        if isinstance(source, CompressedTasks):
+            self.name, self.file, self.compressed = "the compressed tasks", None, source
+            self.num_tasks, self.metadata = source.num_tasks, dict(source.metadata)
+            self.keys = {key: {"shape": list(shape), "dtype": str(source.dtypes[key]).removeprefix("torch."),
+                               "kind": "factors" if key in source.factors else "delta" if key in source.others
+                               else "zero", **({"k": source.factors[key][0].shape[-1]} if key in source.factors else {})}
+                         for key, shape in source.shapes.items()}
+            return
+        from .safetensors import SafetensorsCheckpoint
+
+        header = read_compressed_header(source)
+        self.name, self.compressed = str(source), None
+        self.file = SafetensorsCheckpoint([Path(source)])
+        self.num_tasks, self.metadata, self.keys = int(header["num_tasks"]), dict(header.get("metadata", {})), header["keys"]
+
+    @property
+    def files(self) -> list[Path]:  # what io.outputs guards against overwriting
+        return [] if self.file is None else list(self.file.files)
+
+    def read(self, task: int, key: str, part: str) -> Tensor:
+        """Task ``task``'s stored U, S, V (``part``) or delta of ``key``."""
+        if self.compressed is not None:
+            return (self.compressed.factors[key]["USV".index(part)] if part in "USV" else self.compressed.others[key])[task]
+        tensor = self.file.load(_tsvc_name(task, key, part))
+        self.bytes_read += tensor.numel() * tensor.element_size()
+        return tensor
+
+    def task(self, index: int) -> LibraryTask:
+        return LibraryTask(self, index)
+
+
+class LibraryTask:
+    """One task of a library, as a factored task (``engine.adapters``): Δ = (U σ) Vᵀ per matrix."""
+
+    def __init__(self, library: TsvcLibrary, index: int):
+        self.library, self.index = library, index
+        self.name = f"{library.name} task {index}"
+        self._last: tuple[str, LoraFactor | None] | None = None  # the engine asks for one key a few times
+
+    def keys(self) -> set[str]:
+        return {key for key, info in self.library.keys.items() if info["kind"] != "zero"}
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self.library.keys[key]["shape"])
+
+    def factor(self, key: str) -> LoraFactor | None:
+        if self._last is None or self._last[0] != key:
+            found = None
+            if self.library.keys.get(key, {}).get("kind") == "factors":
+                u, s, v = (self.library.read(self.index, key, part) for part in "USV")
+                found = LoraFactor(u * s, v.mT, 1.0, False)
+            self._last = (key, found)
+        return self._last[1]
+
+    def delta(self, key: str, base: Tensor, dtype: torch.dtype) -> Tensor | None:
+        if self.library.keys.get(key, {}).get("kind") != "delta":
+            return None
+        return self.library.read(self.index, key, "delta").to(base.device, dtype)
+
+
+def append_compressed(path: str | os.PathLike, new: CompressedTasks, *, output: str | os.PathLike | None = None,
+                      inputs=()) -> dict[str, int | float]:
+    """Add the tasks of ``new`` (same layout, computed at the library's ranks) to the TSV-C file
+    ``path``, written whole to ``output`` (default: ``path`` itself, replaced atomically). The stored
+    tasks' tensors are copied byte for byte, never recomputed; where one side stores a key and the
+    other does not (a key only the new task changes, or only the old ones), that side gets zeros.
+    Returns the storage accounting of the new file."""
+    from .outputs import Output
+    from .safetensors import Shard
+
+    path = Path(path)
+    target = Path(output) if output is not None else path
+    old = TsvcLibrary(path)
+    header = read_compressed_header(path)
+    if set(new.shapes) != set(old.keys):
+        extra, missing = sorted(set(new.shapes) - set(old.keys)), sorted(set(old.keys) - set(new.shapes))
+        raise ValueError(f"{path}: the new task's keys differ from the library's (missing {missing[:3]}, "
+                         f"extra {extra[:3]}); is it a fine-tune of the same model?")
+    storage = parse_dtype(old.metadata.get("storage_dtype", "float32"))
+    total, keys = old.num_tasks + new.num_tasks, {}
+    stored = tensor_bytes = 0
+    # the inputs stay readable until the commit: a target equal to the library is replaced only then
+    with Output(target, inputs=inputs, folder=False, what="TSV-C file") as out:
+        shard = Shard(out.staging, "tsvc", 0)
+        try:
+            for key, info in old.keys.items():
+                shape = tuple(info["shape"])
+                if list(new.shapes[key]) != list(shape):
+                    raise ValueError(f"key {key!r}: shape {tuple(new.shapes[key])} in the new task but {shape} "
+                                     f"in {path}")
+                kind_new = "factors" if key in new.factors else "delta" if key in new.others else "zero"
+                kinds = {info["kind"], kind_new} - {"zero"}
+                if len(kinds) > 1:
+                    raise ValueError(f"key {key!r}: stored as {info['kind']} in {path} but {kind_new} for the new "
+                                     "task; compress it with the library's exclude patterns")
+                kind = kinds.pop() if kinds else "zero"
+                k = info.get("k", 0) if info["kind"] == "factors" else new.factors[key][0].shape[-1] if kind == "factors" else 0
+                parts = "USV" if kind == "factors" else ("delta",) if kind == "delta" else ()
+                for part in parts:
+                    part_shape = {"U": (shape[0], k), "S": (k,), "V": (shape[1], k)}.get(part, shape) if kind == "factors" else shape
+                    for task in range(total):
+                        if task < old.num_tasks:
+                            tensor = (old.read(task, key, part) if info["kind"] == kind else
+                                      torch.zeros(part_shape, dtype=storage))
+                        else:
+                            tensor = _new_part(new, task - old.num_tasks, key, part, kind_new, part_shape, storage)
+                        shard.write(_tsvc_name(task, key, part), tensor)
+                        stored += tensor.numel()
+                        tensor_bytes += tensor.numel() * tensor.element_size()
+                keys[key] = {**{n: info[n] for n in ("shape", "dtype")}, "kind": kind, **({"k": k} if kind == "factors" else {})}
+            metadata = {**header.get("metadata", {}), "num_tasks": str(total)}
+            if "models" in metadata and "models" in new.metadata:  # the names of all tasks, in order
+                metadata["models"] = json.dumps([*json.loads(metadata["models"]), *json.loads(new.metadata["models"])])
+            else:
+                metadata.pop("models", None)
+            dense = sum(torch.Size(info["shape"]).numel() for info in old.keys.values())
+            dense_bytes = sum(torch.Size(info["shape"]).numel() * parse_dtype(info["dtype"]).itemsize
+                              for info in old.keys.values())
+            accounting = {"stored_numbers": stored, "dense_numbers": total * dense, "ratio": stored / max(total * dense, 1),
+                          "tensor_bytes": tensor_bytes, "dense_bytes": total * dense_bytes}
+            head = {**header, "num_tasks": total, "keys": keys, "metadata": metadata, "storage": accounting}
+            shard.finish(out.member(target.name), {"tsv_c": json.dumps(head), "format": "pt"})
+        except BaseException:
+            shard.discard()
+            raise
+        out.commit()
+    accounting["file_bytes"] = target.stat().st_size
+    return accounting
+
+
+def _new_part(new: CompressedTasks, task: int, key: str, part: str, kind: str, shape, storage: torch.dtype) -> Tensor:
+    if kind == "zero":
+        return torch.zeros(shape, dtype=storage)
+    if kind == "delta":
+        return new.others[key][task].to(storage)
+    tensor = new.factors[key]["USV".index(part)][task].to(storage)
+    width = shape[-1]
+    if tensor.shape[-1] > width:
+        raise ValueError(f"key {key!r}: the new task has {tensor.shape[-1]} triplets, the library stores {width}")
+    return torch.nn.functional.pad(tensor, (0, width - tensor.shape[-1]))

@@ -19,6 +19,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from ..io.checkpoint import LowRank
 from ..options import Options
 
 Output = tuple[str, object, object]  # (key, value for the sink, LayerReport or None)
@@ -33,6 +34,11 @@ class Method:
     def rank(self, key: str, shape: Sequence[int], num_tasks: int, options: Options) -> int:
         """The rank of this matrix for the method (0: no matrix update)."""
         return options.rank(key, shape, num_tasks)
+
+    def factors(self, low_rank: bool) -> bool:
+        """Whether matrices go through ``merge_group`` (else ``elementwise``); ``low_rank``: the run
+        hands the sink factored updates."""
+        return self.factored
 
     def merge_group(self, chunk, ctx) -> Iterable[Output]:
         raise NotImplementedError
@@ -58,6 +64,20 @@ class Method:
 
     def metadata(self) -> dict[str, str]:
         return {}
+
+
+def merged_outputs(chunk, ctx, a: Tensor, b: Tensor, layers: Sequence | None = None) -> list[Output]:
+    """The outputs of a weights method whose update is α·A Bᵀ (A [L, m, K], B [L, n, K], float64):
+    ``LowRank`` updates where the run asks for them and the chunk's tasks are all factored, else the
+    merged weights base + α·A Bᵀ (the reconstruction GEMM in the compute dtype)."""
+    layers = layers or [None] * len(chunk.keys)
+    if ctx.low_rank and chunk.factored_only:
+        return [(key, LowRank(ctx.options.alpha * a[i], b[i]), layers[i]) for i, key in enumerate(chunk.keys)]
+    if a.shape[-1] == 0:  # no task changes these layers (e.g. adapters whose updates cancel)
+        return [(key, chunk.base[i].clone(), layers[i]) for i, key in enumerate(chunk.keys)]
+    cd = ctx.compute_dtype
+    merged = ctx.backend.reconstruct(chunk.base, a.to(cd), b.to(cd), ctx.options.alpha, chunk.out_dtype)
+    return [(key, merged[i], layers[i]) for i, key in enumerate(chunk.keys)]
 
 
 def running_sum(deltas: Iterator[Tensor]) -> Tensor:

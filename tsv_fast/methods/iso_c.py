@@ -9,7 +9,7 @@ from an SVD of the m×n matrix; numerically zero ones (rank-deficient sums) are 
 """
 from __future__ import annotations
 
-from .base import Method, flat_spectrum
+from .base import Method, flat_spectrum, merged_outputs
 
 
 class IsoC(Method):
@@ -20,9 +20,5 @@ class IsoC(Method):
         return min(shape)  # every singular direction of the sum
 
     def merge_group(self, chunk, ctx):
-        total = chunk.task_sum()
-        u, sigma, v = (t[:, 0] for t in ctx.backend.task_factors(total.unsqueeze(1), None, chunk.rank))
-        scale = flat_spectrum(sigma, chunk.rank)
-        merged = ctx.backend.reconstruct(chunk.base, (u * scale.unsqueeze(1)).to(ctx.compute_dtype),
-                                         v.to(ctx.compute_dtype), ctx.options.alpha, chunk.out_dtype)
-        return [(key, merged[i], None) for i, key in enumerate(chunk.keys)]
+        u, sigma, v = chunk.sum_factors(chunk.rank)
+        return merged_outputs(chunk, ctx, u * flat_spectrum(sigma, chunk.rank).unsqueeze(1), v)

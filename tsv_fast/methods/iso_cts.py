@@ -42,8 +42,7 @@ class IsoCTS(Method):
         parts = []
         u_c = None
         if common:
-            total = chunk.task_sum()
-            u_c, sigma_c, v_c = (t[:, 0] for t in ctx.backend.task_factors(total.unsqueeze(1), None, common))
+            u_c, sigma_c, v_c = chunk.sum_factors(common)
         if per_task:
             specific = chunk.task_factors(per_task, project_out=u_c)
             parts.append((specific.u, specific.sigma, specific.v))
