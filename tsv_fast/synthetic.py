@@ -13,6 +13,8 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
+from .io.checkpoint import Checkpoint
+
 SPECTRA = ("decay", "fast_decay", "clustered", "flat")
 
 
@@ -93,8 +95,8 @@ def _vit_layout(width: int, layers: int, patch: int, grid: int, out_dim: int) ->
     return shapes
 
 
-def _llama_layer(width: int = 4096, hidden: int = 11008) -> dict[str, tuple[int, ...]]:
-    p = "model.layers.0."
+def _llama_layer(width: int = 4096, hidden: int = 11008, index: int = 0) -> dict[str, tuple[int, ...]]:
+    p = f"model.layers.{index}."
     return {p + "input_layernorm.weight": (width,),
             **{p + f"self_attn.{name}_proj.weight": (width, width) for name in "qkvo"},
             p + "post_attention_layernorm.weight": (width,),
@@ -102,11 +104,21 @@ def _llama_layer(width: int = 4096, hidden: int = 11008) -> dict[str, tuple[int,
             p + "mlp.down_proj.weight": (width, hidden)}
 
 
+def _llama(layers: int = 32, width: int = 4096, hidden: int = 11008, vocab: int = 32000) -> dict[str, tuple[int, ...]]:
+    """LLaMA-7B (Hugging Face names): embeddings, ``layers`` decoder layers, final norm, LM head."""
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, width)}
+    for i in range(layers):
+        shapes.update(_llama_layer(width, hidden, i))
+    shapes.update({"model.norm.weight": (width,), "lm_head.weight": (vocab, width)})
+    return shapes
+
+
 LAYOUTS = {
     "vit-b-32": lambda: _vit_layout(768, 12, 32, 7, 512),
     "vit-b-16": lambda: _vit_layout(768, 12, 16, 14, 512),
     "vit-l-14": lambda: _vit_layout(1024, 24, 14, 16, 768),
     "llama-7b-layer": _llama_layer,
+    "llama-7b": _llama,   # shapes only: too large to generate, for plan estimates (LayoutCheckpoint)
     "tiny-vit": lambda: _vit_layout(64, 2, 4, 4, 32),
 }
 
@@ -115,6 +127,26 @@ def layout(name: str) -> dict[str, tuple[int, ...]]:
     if name not in LAYOUTS:
         raise ValueError(f"unknown layout {name!r}; choose one of {sorted(LAYOUTS)}")
     return LAYOUTS[name]()
+
+
+class LayoutCheckpoint(Checkpoint):
+    """The keys, shapes and dtype of a layout without any data: enough to plan a run and estimate its
+    cost (engine.partition), e.g. for LLaMA-7B, whose tensors are never made here."""
+
+    def __init__(self, name: str, dtype: torch.dtype = torch.float32):
+        self.name, self.shapes, self._dtype = name, layout(name), dtype
+
+    def keys(self) -> list[str]:
+        return list(self.shapes)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self.shapes[key]
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self._dtype
+
+    def load(self, key: str) -> Tensor:
+        raise NotImplementedError(f"{self.name} is a layout without data")
 
 
 def checkpoint(name: str, task: int | None = None, *, seed: int = 0, shared: float = 0.3, delta_scale: float = 1e-2,

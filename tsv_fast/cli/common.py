@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import json
 import os
-import resource
-import sys
 import time
 from pathlib import Path
 from typing import Optional
 
 import typer
+
+from ..engine.heap import peak_rss_bytes
+
 
 class CliError(Exception):
     """A user-facing error: printed without a traceback."""
@@ -42,23 +43,6 @@ def human_bytes(n: float) -> str:
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
         n /= 1024
     return f"{n:.1f} TiB"
-
-
-def peak_rss_bytes() -> int:
-    """Peak resident memory of this process.
-
-    On Linux VmHWM of /proc/self/status: ru_maxrss survives fork and exec, so a child started by a
-    large parent would report the parent's size. Elsewhere getrusage (macOS reports bytes, others KiB).
-    """
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
 
 
 def path_size(path: Path) -> int:

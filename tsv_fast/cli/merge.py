@@ -12,7 +12,8 @@ import typer
 from .app import app
 from .common import (CliError, config_files, guard_outputs, local_inputs, lora_models, open_all, parse_overrides,
                      run_command, summary)
-from .config import KEYS, MergeJob, typed_value, load_config
+from .config import KEYS, MergeJob, load_config, typed_value
+from .ranks import launched, parse_shard, rank_summary, write_model
 
 
 @app.command()
@@ -43,6 +44,7 @@ def merge(
     as_adapter: bool = typer.Option(False, "--as-adapter", help="LoRA inputs: write the merged update as a PEFT LoRA adapter folder (-o DIR), not full weights."),
     max_rank: Optional[int] = typer.Option(None, help="--as-adapter: keep each module's top R singular triplets of the merged update (prints the energy kept)."),
     tasks: Optional[str] = typer.Option(None, help="A TSV-C library input: which stored tasks to merge, e.g. 0,2,5. Default: all."),
+    shard: Optional[str] = typer.Option(None, help="Write only part I of N (0 <= I < N) of the output, for job arrays without a rendezvous; then `tsv-fast finalize OUTPUT`."),
 ):
     """Merge fine-tuned checkpoints (or PEFT LoRA adapters) into one model, streamed to safetensors.
 
@@ -63,6 +65,9 @@ def merge(
 
     Models may be paths or Hugging Face model ids (org/name or org/name@revision, fetched into the
     hub cache; HF_HUB_OFFLINE=1 reads the cache only); a path that exists always wins.
+
+    Several processes:  torchrun --nproc-per-node 8 -m tsv_fast merge ...  (one rank per GPU or core),
+    or N independent jobs  tsv-fast merge ... --shard I/N  then  tsv-fast finalize OUTPUT
     """
     def body():
         job = load_config(config) if config else MergeJob()
@@ -86,7 +91,13 @@ def merge(
             raise CliError("no output: pass --output PATH (or output: in the config)")
         if not job.models:
             raise CliError("no fine-tuned models given (pass paths, or models: in the config)")
-        return run_merge_command(job, report_path=report, progress=progress)
+        part = parse_shard(shard)
+        if part is not None and report is not None:
+            raise CliError("--report needs the whole merge; a --shard part sees only its own layers")
+        with launched(job.get("device")) as (dist, rank_device):
+            if dist is not None and rank_device is not None:
+                job.values["device"] = rank_device
+            return run_merge_command(job, report_path=report, progress=progress, dist=dist, shard=part)
 
     run_command(body)
 
@@ -121,8 +132,9 @@ def job_options(job: MergeJob, progress: bool):
 
 
 def run_merge_command(job: MergeJob, *, report_path: Optional[Path] = None, progress: bool = True,
-                      quiet: bool = False):
-    """The merge behind ``tsv-fast merge`` and ``tsv-fast demo``: returns (output path, Report)."""
+                      quiet: bool = False, dist=None, shard=None):
+    """The merge behind ``tsv-fast merge`` and ``tsv-fast demo``: returns (output path, Report).
+    ``dist``: this rank of a torchrun job (engine.distributed); ``shard``: one --shard part."""
     started = time.perf_counter()
     # paths and model ids first, then the output guard: both before torch loads or any work
     names = [job.base_model, *job.models]
@@ -131,9 +143,7 @@ def run_merge_command(job: MergeJob, *, report_path: Optional[Path] = None, prog
     options, method = job_options(job, progress)  # checks the device too
 
     from .. import __version__
-    from ..engine.run import run
     from ..engine.sources import DenseTasks
-    from ..io.sink import SafetensorsSink
     from ..io.sources import checkpoint_nbytes, open_checkpoint
 
     allow_pickle = job.get("allow_pickle", False)
@@ -181,22 +191,33 @@ def run_merge_command(job: MergeJob, *, report_path: Optional[Path] = None, prog
              "exclude": ",".join(options.exclude), "package": f"tsv_fast {__version__}",
              "base_model": _name(names[0]), "models": json.dumps([_name(m) for m in names[1:]]),
              **({"weights": json.dumps(job.weights)} if job.weights else {})}
+    quiet = quiet or (dist is not None and dist.rank > 0)  # rank 0 speaks for the run
+    if as_adapter and (dist is not None or shard is not None):
+        raise CliError("--as-adapter writes one adapter from one process; run it without torchrun or --shard")
     if as_adapter:  # a PEFT adapter folder: no model config or tokenizer goes into it
         from ..io.peft_out import AdapterSink
 
         sink = AdapterSink(source.adapters, max_rank=max_rank, dtype=out_dtype)
         extra["dtype"] = str(sink.dtype).replace("torch.", "")
     else:
-        sink = SafetensorsSink(
-            job.output, max_shard_bytes=job.get("max_shard_size"), inputs=[job.base_model, *job.models],
+        sink_args = dict(
+            max_shard_bytes=job.get("max_shard_size"), inputs=[job.base_model, *job.models],
             expected_bytes=checkpoint_nbytes(pre, out_dtype), out_dtype=out_dtype, extra_metadata=extra,
             extra_files=config_files(job.base_model, job.output, dtype, job.get("copy_configs", True)))
     if not quiet:
         kind = "LoRA adapters" if lora else f"tasks of {job.models[0]}" if library else "models"
         into = f"a LoRA adapter at {job.output}" if as_adapter else job.output
-        typer.echo(f"merging {source.num_tasks} {kind} into {into} with {method.name} (base {pre.name})")
-    out_path, rep = run(source, method, options, sink, compute_sti=method.name == "tsv-m",
-                        metadata=extra if as_adapter else None, low_rank=as_adapter)
+        where = (f" on {dist.world} ranks" if dist is not None else
+                 f" (part {shard.index} of {shard.count})" if shard is not None else "")
+        typer.echo(f"merging {source.num_tasks} {kind} into {into} with {method.name}{where} (base {pre.name})")
+    if as_adapter:
+        from ..engine.run import run
+
+        out_path, rep = run(source, method, options, sink, compute_sti=method.name == "tsv-m", metadata=extra,
+                            low_rank=True)
+    else:
+        out_path, rep = write_model(job.output, sink_args, source, method, options, dist=dist, shard=shard,
+                                    compute_sti=method.name == "tsv-m")
     if as_adapter:
         from ..io.peft_out import energy_summary
 
@@ -205,10 +226,11 @@ def run_merge_command(job: MergeJob, *, report_path: Optional[Path] = None, prog
         if not quiet:
             typer.echo(f"adapter ranks {min(adapter.ranks.values(), default=0)}…{max(adapter.ranks.values(), default=0)} "
                        f"over {len(adapter.ranks)} modules; {energy_summary(adapter)}")
-    if report_path is not None:
+    if report_path is not None and (dist is None or dist.rank == 0):
         write_report(report_path, rep, inputs=[job.base_model, *job.models])
     if not quiet:
         summary(started, Path(out_path))
+        rank_summary(rep)
     return Path(out_path), rep
 
 
@@ -238,7 +260,8 @@ def write_report(path: Path, rep, inputs=()) -> None:
                     "kappa_v": _finite(layer.kappa_v), "rank_u": layer.rank_u, "rank_v": layer.rank_v,
                     "sti": _finite(layer.sti)} for key, layer in rep.layers.items()}
     data = {"method": rep.method, "backend": rep.backend, "num_tasks": rep.num_tasks, "seconds": rep.seconds,
-            "layers": layers, "averaged": rep.averaged, "zero_rank": rep.zero_rank, "zero_delta": rep.zero_delta}
+            "layers": layers, "averaged": rep.averaged, "zero_rank": rep.zero_rank, "zero_delta": rep.zero_delta,
+            **({"ranks": rep.ranks} if rep.ranks else {})}
     write_file(path, json.dumps(data, indent=2), inputs=inputs, what="report")
 
 

@@ -49,11 +49,16 @@ def interference(
 
         from ..api import interference as sti_of
         from ..methods.sti import per_block
+        from . import ranks
 
         pre, fts = open_tasks(Path(inputs[0]), [Path(m) for m in inputs[1:]], allow_pickle)
         if heatmap is not None and layer is not None and layer not in pre.keys():
             raise CliError(f"layer {layer!r} not found in {pre.name}")
-        per_layer = sti_of(pre, fts, orthogonalized=orthogonalized, progress=progress, exact=exact, **options)
+        with ranks.launched(device) as (dist, rank_device):  # torchrun: the layers split over the ranks
+            settings = dict(options, device=rank_device, orthogonalized=orthogonalized, progress=progress, exact=exact)
+            per_layer = sti_of(pre, fts, **settings) if dist is None else ranks.interference(dist, pre, fts, **settings)
+        if per_layer is None:  # another rank than 0: rank 0 writes the gathered scores
+            return
         blocks = per_block(per_layer)
         names = task_names([str(m) for m in models])
         similarity = None

@@ -61,16 +61,22 @@ def compress(
         from ..api import compress as tsv_compress
         from ..io.tsvc import save_compressed
 
+        from . import ranks
+
         pre, tasks = open_tasks(Path(inputs[0]), [Path(m) for m in inputs[1:]], allow_pickle)
         if append is not None:
             storage = append_tasks(append, pre, tasks, output=target, names=[m.name for m in models],
                                    backend=backend, device=device, progress=progress, missing_keys=missing_keys)
         else:
-            packed = tsv_compress(pre, tasks, rank_fraction=rank_fraction, min_rank=min_rank, rank_overrides=overrides,
-                                  exclude=tuple(exclude) if exclude else ("text_projection",),
-                                  backend=backend, device=device,
-                                  storage_dtype=parse_dtype_option(storage_dtype or "float32"),
-                                  progress=progress, exact=exact, missing_keys=missing_keys)
+            with ranks.launched(device) as (dist, rank_device):  # torchrun: the layers split over the ranks
+                settings = dict(rank_fraction=rank_fraction, min_rank=min_rank, rank_overrides=overrides,
+                                exclude=tuple(exclude) if exclude else ("text_projection",), backend=backend,
+                                device=rank_device, progress=progress, exact=exact, missing_keys=missing_keys)
+                storage_type = parse_dtype_option(storage_dtype or "float32")
+                packed = (tsv_compress(pre, tasks, storage_dtype=storage_type, **settings) if dist is None else
+                          ranks.compress(dist, pre, tasks, storage_type, **settings))
+            if packed is None:  # another rank than 0: rank 0 writes the gathered library
+                return
             packed.metadata.update({"base_model": base.name, "models": json.dumps([m.name for m in models])})
             storage = save_compressed(target, packed, inputs=inputs)
         typer.echo(f"stored {storage['stored_numbers']:,} numbers for {len(tasks)} "

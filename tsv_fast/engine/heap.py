@@ -1,7 +1,8 @@
-"""Process memory habits of a merge (no torch import: the command line calls this before parsing)."""
+"""Process memory habits of a merge, and its peak (no torch import: the command line calls this before parsing)."""
 from __future__ import annotations
 
 import os
+import resource
 import sys
 
 #: Allocations at least this large get their own memory map (glibc), see bound_heap_growth.
@@ -29,3 +30,18 @@ def bound_heap_growth() -> None:
         pass
 
 
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process.
+
+    On Linux VmHWM of /proc/self/status: ru_maxrss survives fork and exec, so a child started by a
+    large parent would report the parent's size. Elsewhere getrusage (macOS reports bytes, others KiB).
+    """
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024

@@ -33,6 +33,7 @@ class Report:
     averaged: list[str] = field(default_factory=list)   # combined elementwise (non-matrix or excluded keys)
     zero_rank: list[str] = field(default_factory=list)  # k = 0: no matrix update
     zero_delta: list[str] = field(default_factory=list)  # every task vector is zero: no factor work
+    ranks: list[dict] = field(default_factory=list)  # a distributed run: per rank keys, seconds, peak memory
 
 
 def kappa_and_rank(evals: Tensor) -> tuple[list[float], list[int]]:

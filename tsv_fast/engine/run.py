@@ -19,6 +19,7 @@ from ..io.checkpoint import DictSink, LowRank, Sink
 from ..options import Options, dtype_name
 from ..reference import warn_zero_rank
 from .heap import bound_heap_growth
+from .partition import Part
 from .plan import make_plan
 from .report import Report
 
@@ -60,7 +61,8 @@ def backend_for(options: Options, device: torch.device) -> Backend:
 
 
 def run(source, method, options: Options, sink: Sink | None = None, *, compute_sti: bool = False,
-        metadata: dict[str, str] | None = None, low_rank: bool = False) -> tuple[object, Report]:
+        metadata: dict[str, str] | None = None, low_rank: bool = False, part: Part | None = None
+        ) -> tuple[object, Report]:
     """Run ``method`` over ``source``; the sink receives one output per key. Returns what the sink's
     ``close`` returns (a dict for DictSink, a path for file sinks) and the Report. The run owns the
     sink: whatever fails or interrupts it, from the first check on, aborts the sink.
@@ -68,6 +70,9 @@ def run(source, method, options: Options, sink: Sink | None = None, *, compute_s
     ``low_rank`` (factored sources and weight methods only): the sink receives updates instead of
     weights: an ``io.checkpoint.LowRank`` α·M = left rightᵀ for each matrix whose tasks are all
     factored, the merged weight for every other key the tasks change, nothing for keys they leave.
+
+    ``part``: run only this part's keys of the plan (a rank of a distributed run or a ``--shard``
+    job, engine.partition); nothing else is read.
     """
     started = time.perf_counter()
     bound_heap_growth()
@@ -92,6 +97,10 @@ def run(source, method, options: Options, sink: Sink | None = None, *, compute_s
                              f"method; got {type(source).__name__} and {method.name!r}")
         source.check(options)
         plan = make_plan(source, method, options, low_rank)
+        if method.uses_rank_rule and (part is None or part.index == 0):
+            warn_zero_rank(plan.zero_rank)  # once, for the whole plan
+        if part is not None:
+            plan = part.select(plan, source, method, options)
         device = torch.device(options.device) if options.device is not None else source.reference.device
         backend = backend_for(options, device)
         report = Report(backend=backend.name, method=method.name, num_tasks=source.num_tasks,
@@ -101,12 +110,12 @@ def run(source, method, options: Options, sink: Sink | None = None, *, compute_s
         for key in plan.elementwise:
             emit(key, method.elementwise(key, source.base_tensor(key, device),
                                          source.deltas(key, options.compute_dtype, device), ctx))
-        if method.uses_rank_rule:
-            warn_zero_rank(plan.zero_rank)
         for key in [*plan.unchanged, *plan.zero_rank]:  # no update, as in the authors' code
             keep(key)
         with _progress(plan.matrices, options.progress) as bar:  # closed (a newline) on failures too
             for chunk, zero in source.chunks(plan.groups, backend, options, device):
+                if part is not None:
+                    part.check()  # another rank failed: stop here
                 for key in zero:  # every task vector is zero here: no factor work
                     report.zero_delta.append(key)
                     keep(key)

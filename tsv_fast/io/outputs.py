@@ -12,6 +12,8 @@
   the members of an earlier output of the same stem (file, shards, index) index-first and removes
   the ones the new output lacks. An existing folder is replaced only if it is empty or an earlier
   tsv_fast output. ``abort`` (also on any exception inside ``with``) leaves nothing behind.
+* ``Output.join``: another process's staging folder (a rank of a distributed run writing its shards
+  into rank 0's output); the lock, the commit and the removal on failure stay with the owner.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 INDEX_SUFFIX = ".safetensors.index.json"
+PART_MANIFEST = "tsv-fast-part.json"  # what a `merge --shard i/N` part folder holds beside its shards
 STAGING_PREFIX = ".tsv-fast-staging-"
 _SHARD_GLOB = "-[0-9][0-9][0-9][0-9][0-9]-of-[0-9][0-9][0-9][0-9][0-9].safetensors"
 _MODEL_FILES = ("config.json", "adapter_config.json", "model.safetensors", "model" + INDEX_SUFFIX,
@@ -130,11 +133,25 @@ class Output:
             raise
         self._done = False
 
+    @classmethod
+    def join(cls, staging: str | os.PathLike, target: str | os.PathLike, *, folder: bool) -> Output:
+        """The staging folder another process opened for ``target`` (rank 0 of a distributed run):
+        members can be written into it; ``commit`` is the owner's, ``abort`` leaves the folder alone."""
+        staging = Path(staging)
+        if not staging.is_dir():
+            raise ValueError(f"the output's staging folder {staging} is not visible here: every rank of a "
+                             "distributed run must see the output folder (a shared filesystem)")
+        out = cls.__new__(cls)
+        out.target, out.folder, out.staging, out._lock, out._done = Path(target), folder, staging, None, True
+        return out
+
     def member(self, name: str) -> Path:
         return self.staging / name
 
     def commit(self) -> Path:
         """Put the staged members in place as one unit; returns the target."""
+        if self._lock is None:
+            raise RuntimeError(f"only the process that opened {self.target} commits it")
         try:
             for member in self.staging.iterdir():
                 _fsync(member)
@@ -191,7 +208,7 @@ def safetensors_metadata(path: Path) -> dict:
 
 
 def _is_ours(file: Path) -> bool:
-    if file.name.endswith(".index.json"):
+    if file.name.endswith(".json"):  # an index, or a part manifest
         try:
             meta = json.loads(file.read_text()).get("metadata", {})
         except (OSError, ValueError, AttributeError):
@@ -202,7 +219,7 @@ def _is_ours(file: Path) -> bool:
 
 
 def _is_our_output(folder: Path) -> bool:
-    marks = [*folder.glob("*.safetensors"), *folder.glob("*" + INDEX_SUFFIX)]
+    marks = [*folder.glob("*.safetensors"), *folder.glob("*" + INDEX_SUFFIX), *folder.glob(PART_MANIFEST)]
     return bool(marks) and all(_is_ours(f) for f in marks)
 
 
