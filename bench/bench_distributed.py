@@ -134,8 +134,10 @@ def main() -> None:
 
     from tsv_fast import __version__
 
+    import bench_merge  # the one machine-name helper of the benches
+
     started = datetime.datetime.now(datetime.timezone.utc)
-    results = {"machine": {"platform": platform.platform(), "cpu": _cpu_name(), "cpu_count": os.cpu_count(),
+    results = {"machine": {"platform": platform.platform(), "cpu": bench_merge.device_name(torch.device("cpu")), "cpu_count": os.cpu_count(),
                            "python": platform.python_version(), "torch": torch.__version__, "tsv_fast": __version__,
                            "git_sha": _git_sha(), "omp_num_threads": 1},
                "timestamp": started.isoformat(timespec="seconds"), "note": args.note,
@@ -212,14 +214,6 @@ def measure(args) -> dict:
             "outputs": same}
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def _git_sha() -> str:
