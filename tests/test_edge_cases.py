@@ -9,6 +9,8 @@ from tsv_fast import reference
 from tsv_fast.synthetic import task_matrices
 from tsv_fast.testing import FLOAT64_BOUND, assert_rel_close
 
+from optional import need
+
 
 def make_models(num_tasks=3, shape=(20, 12), seed=0):
     generator = torch.Generator().manual_seed(seed)
@@ -202,11 +204,12 @@ def test_ignorable_keys_only_the_finetunes_have_are_left_out():
     assert merged.keys() == want.keys() and all(torch.equal(merged[k], v) for k, v in want.items())
 
 
+@pytest.mark.hf
 def test_the_ignore_patterns_of_the_model_class_come_from_transformers(tmp_path):
     """GPT-2's `attn.bias` (a float mask buffer older checkpoints saved) is ignorable because
     transformers' GPT2LMHeadModel lists it; without the folder's config.json it is an ordinary
     float key, and a fine-tune that lacks it is refused."""
-    pytest.importorskip("transformers")
+    need("transformers")
     from safetensors.torch import save_file
 
     pre, fts = make_models()

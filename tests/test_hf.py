@@ -17,7 +17,9 @@ from tsv_fast.io.hf import config_with_dtype, is_hub_id, loadable_files
 from tsv_fast.io.outputs import safetensors_metadata
 from tsv_fast.testing import assert_same_result
 
-transformers = pytest.importorskip("transformers")
+from optional import need
+
+pytestmark = pytest.mark.hf  # also run by .ci/hf_stack.sh, where transformers and huggingface_hub must import
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "hello", "world", "merge", "##s", "task"]
 
 
@@ -34,7 +36,12 @@ def perturbed(model: torch.nn.Module, seed: int) -> None:
 
 
 @pytest.fixture(scope="module")
-def bert(tmp_path_factory):
+def transformers():
+    return need("transformers")
+
+
+@pytest.fixture(scope="module")
+def bert(tmp_path_factory, transformers):
     """A tiny BERT saved by save_pretrained (with a tokenizer), two fine-tunes of it, and the old
     `embeddings.position_ids` buffer that today's transformers no longer saves, in the base only."""
     folder = tmp_path_factory.mktemp("bert")
@@ -60,7 +67,7 @@ def bert(tmp_path_factory):
 
 
 def load_merged(folder: Path):
-    model, info = transformers.AutoModel.from_pretrained(folder, output_loading_info=True)
+    model, info = need("transformers").AutoModel.from_pretrained(folder, output_loading_info=True)
     return model, info
 
 
@@ -70,7 +77,7 @@ def forward_is_finite(model) -> bool:
         return bool(torch.isfinite(model(input_ids=ids).last_hidden_state).all())
 
 
-def test_merge_of_save_pretrained_folders_loads_with_from_pretrained(bert, tmp_path):
+def test_merge_of_save_pretrained_folders_loads_with_from_pretrained(bert, tmp_path, transformers):
     base, ft1, ft2 = bert
     out = tmp_path / "merged"
     result = cli("merge", "-b", base, ft1, ft2, "-o", out, "--no-progress")
@@ -113,7 +120,7 @@ def test_reconstruct_output_loads_with_from_pretrained_in_its_dtype(bert, tmp_pa
     assert (out / "tokenizer.json").read_bytes() == (base / "tokenizer.json").read_bytes()
 
 
-def test_llama_sharded_merge_keeps_generation_config(tmp_path):
+def test_llama_sharded_merge_keeps_generation_config(tmp_path, transformers):
     config = transformers.LlamaConfig(vocab_size=48, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                       num_key_value_heads=2, intermediate_size=64, max_position_embeddings=32)
     paths = []
@@ -258,6 +265,7 @@ def hub_entry(cache: Path, repo: str, tensors: dict, revision: str = "main", com
 
 @pytest.fixture()
 def hub(tmp_path):
+    need("huggingface_hub._snapshot_download")  # the CLI resolves the ids with it (imported lazily there)
     pre, fts = state_dicts(timm_layout(), num_tasks=3, seed=5)
     cache = tmp_path / "hub"
     hub_entry(cache, "org/base", pre)
@@ -325,3 +333,35 @@ def test_an_id_not_in_the_cache_offline_is_one_line(hub, tmp_path):
                                           ("org/tasks.tsvc", False)])
 def test_what_counts_as_a_model_id(text, hub_id):
     assert is_hub_id(text) is hub_id
+
+
+BROKEN_SSL = '''import sys
+class BrokenSSL:  # as a Python whose _ssl extension fails to load: huggingface_hub cannot import
+    def find_spec(self, name, path=None, target=None):
+        if name == "_ssl":
+            raise ImportError("_ssl.cpython-311-x86_64-linux-gnu.so: undefined symbol: _PyModule_Add")
+sys.meta_path.insert(0, BrokenSSL())
+'''
+
+
+def test_a_python_without_ssl_merges_files_and_names_the_cause_for_a_model_id(tmp_path):
+    """A CI machine's Python had a broken ssl module: local inputs must merge as usual there, and a
+    model id must get one line naming the cause, not "pip install huggingface_hub"."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(BROKEN_SSL)
+    env = {"PYTHONPATH": str(site)}
+    pre, fts = state_dicts(timm_layout(), num_tasks=2, seed=3)
+    paths = []
+    for i, weights in enumerate([pre, *fts]):
+        paths.append(tmp_path / f"m{i}.safetensors")
+        save_file(weights, str(paths[-1]))
+    result = cli("merge", "-b", *paths, "-o", tmp_path / "out.safetensors", "--no-progress", env=env)
+    assert result.returncode == 0, result.stderr
+    merged = load_file(str(tmp_path / "out.safetensors"))
+    for key, value in tsv_fast.tsv_merge(pre, fts).items():
+        assert_same_result(key, merged[key], value)
+    result = cli("merge", "-b", paths[0], paths[1], "org/ft", "-o", tmp_path / "id.safetensors", env=env)
+    assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "org/ft" in result.stderr and "cannot be imported in this Python" in result.stderr
+    assert "undefined symbol" in result.stderr and not (tmp_path / "id.safetensors").exists()

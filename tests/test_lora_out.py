@@ -24,15 +24,11 @@ from tsv_fast.io.peft import load_adapter
 from tsv_fast.io.peft_out import AdapterSink
 from tsv_fast.testing import CONTRACT_FLOOR, assert_rel_close, rel_fro
 
+from optional import need
 from test_cli import cli
 
 F64 = torch.float64
-
-
-def lib(name: str):
-    """peft / transformers, imported by the tests and never at collection: transformers imports
-    triton, which the kernel tests must import first (after setting TRITON_INTERPRET=1)."""
-    return pytest.importorskip(name, reason=f"{name} is in the test extras: pip install -e '.[test]'")
+pytestmark = pytest.mark.hf  # also run by .ci/hf_stack.sh, where peft and transformers must import
 
 
 def llama(transformers):
@@ -72,8 +68,8 @@ def quiet(fn, *args, **kwargs):
 @pytest.fixture(scope="module", params=sorted(MODELS))
 def setup(request, tmp_path_factory):
     """A tiny base model (saved as a HF folder) and adapters made by peft, with random weights."""
-    peft = lib("peft")
-    cls, config, whole, adapter_configs = MODELS[request.param](lib("transformers"))
+    peft = need("peft")
+    cls, config, whole, adapter_configs = MODELS[request.param](need("transformers"))
     folder = tmp_path_factory.mktemp(request.param)
     torch.manual_seed(0)
     base = cls(config).eval()
@@ -104,7 +100,7 @@ def model_with(cls, config, state, dtype=torch.float32):
 
 def peft_weights(cls, config, state, adapter, dtype=torch.float32) -> dict:
     """PEFT's own merge of ``adapter`` into the base: merge_and_unload() of a ``dtype`` model."""
-    model = quiet(lib("peft").PeftModel.from_pretrained, model_with(cls, config, state, dtype), str(adapter))
+    model = quiet(need("peft").PeftModel.from_pretrained, model_with(cls, config, state, dtype), str(adapter))
     return {k: v.detach().clone() for k, v in quiet(model.merge_and_unload).state_dict().items()}
 
 
@@ -133,7 +129,7 @@ def test_merged_adapter_loads_in_peft_and_reproduces_the_full_weight_merge(setup
     biases = [k for k in adapter.tensors if k.endswith(".base_layer.bias")]  # PEFT's place for a LoRA layer's bias
     assert bool(biases) == (saved["bias"] == "lora_only")
     # outputs of the merged adapter in PEFT against the model with the merged weights
-    loaded = quiet(lib("peft").PeftModel.from_pretrained, model_with(cls, config, state), str(tmp_path / "merged"))
+    loaded = quiet(need("peft").PeftModel.from_pretrained, model_with(cls, config, state), str(tmp_path / "merged"))
     reference_model = model_with(cls, config, {**state, **full})
     with torch.no_grad():
         got, want = loaded(tokens(config)).logits, reference_model(tokens(config)).logits
@@ -209,7 +205,7 @@ def test_cli_as_adapter(setup, tmp_path):
         k = next(k for k in got if k.startswith(f"base_model.model.{key}.") and "_B" in k)
         a = k.replace("_B", "_A")
         assert_rel_close(f"cli {key}", got[k] @ got[a], want.tensors[k] @ want.tensors[a], 1e-5)
-    loaded = quiet(lib("peft").PeftModel.from_pretrained, model_with(cls, config, state), str(out))
+    loaded = quiet(need("peft").PeftModel.from_pretrained, model_with(cls, config, state), str(out))
     with torch.no_grad():  # the adapter loads and changes the model
         assert rel_fro(loaded(tokens(config)).logits, model_with(cls, config, state)(tokens(config)).logits) > 1e-3
     again = cli("merge", "-b", folder / "base", *paths, "--as-adapter", "-o", paths[0], "--no-progress")

@@ -2,13 +2,12 @@
 fine-tunes, merged by `tsv-fast mergekit` (mergekit's own merge) and compared key by key with
 `tsv-fast merge` of the same inputs, with the float64 reference, and loaded back with transformers.
 
-mergekit is an optional extra: without it this module skips, unless TSV_FAST_REQUIRE_MERGEKIT=1
-(set by .ci/mergekit.sh, so that CI fails instead of skipping).
+mergekit is an optional extra: without it (or where it cannot be imported) this module skips, unless
+TSV_FAST_REQUIRE names it (set by .ci/hf_stack.sh, so that CI fails instead of skipping).
 """
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,14 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 
-if os.environ.get("TSV_FAST_REQUIRE_MERGEKIT"):
-    import mergekit  # noqa: F401 - an ImportError here fails the run
-    import transformers
-else:
-    pytest.importorskip("mergekit")
-    transformers = pytest.importorskip("transformers")
+from optional import need
+
+need("mergekit")  # at collection, as the module imports the bridge: a skip or failure of the whole module
+transformers = need("transformers")
 # mergekit's lazy unpickler touches numpy.core at import; not ours to fix
-pytestmark = pytest.mark.filterwarnings("ignore:numpy.core is deprecated:DeprecationWarning")
+pytestmark = [pytest.mark.hf, pytest.mark.filterwarnings("ignore:numpy.core is deprecated:DeprecationWarning")]
 
 import yaml  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402

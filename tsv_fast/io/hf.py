@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from pathlib import Path
 
 #: Beside the weights of a model folder: what `merge` and `reconstruct` copy into a folder output.
@@ -38,6 +39,10 @@ def is_hub_id(text: str | os.PathLike) -> bool:
     return bool(_HUB_ID.match(text)) and not text.split("@", 1)[0].lower().endswith(_FILE_SUFFIXES)
 
 
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
 def resolve_model(spec: str | os.PathLike) -> str:
     """A local path for ``spec``: itself when it exists or is no model id, else the hub snapshot of
     the id (downloaded once, then read from the cache; offline with ``HF_HUB_OFFLINE=1``)."""
@@ -47,14 +52,17 @@ def resolve_model(spec: str | os.PathLike) -> str:
     repo, _, revision = text.partition("@")
     try:
         from huggingface_hub import snapshot_download
-    except ImportError:
-        raise FileNotFoundError(f"{text}: no such file or folder (as a Hugging Face model id it needs "
-                                "huggingface_hub: pip install huggingface_hub)") from None
+    except ImportError as exc:  # not installed, or installed but broken here (a Python without ssl)
+        if isinstance(exc, ModuleNotFoundError) and exc.name == "huggingface_hub":
+            why = "needs huggingface_hub: pip install huggingface_hub"
+        else:
+            why = f"needs huggingface_hub, which cannot be imported in this Python: {_first_line(exc)}"
+        raise FileNotFoundError(f"{text}: no such file or folder (as a Hugging Face model id it {why})") from None
     try:
         folder = snapshot_download(repo, revision=revision or None, allow_patterns=HUB_PATTERNS,
                                    library_name="tsv_fast")
     except Exception as exc:  # offline and not cached, unknown repo or revision, network, gated: one line
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = _first_line(exc)
         offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on") else ""
         raise FileNotFoundError(f"{text}: no such file or folder, and the Hugging Face model {text} could not be "
                                 f"fetched{offline}: {reason}") from None
@@ -105,7 +113,10 @@ def ignorable_patterns(folder: str | os.PathLike | None) -> list[str]:
         return patterns
     try:
         import transformers
-    except ImportError:
+    except ImportError as exc:
+        if not (isinstance(exc, ModuleNotFoundError) and exc.name == "transformers"):  # installed, but broken here
+            warnings.warn(f"transformers cannot be imported in this Python ({_first_line(exc)}): the keys it ignores "
+                          f"when it loads {', '.join(architectures)} are unknown", stacklevel=2)
         return patterns
     for name in architectures:
         try:

@@ -1,0 +1,35 @@
+"""The optional libraries of the tests (transformers, peft, huggingface_hub, mergekit), imported by
+the test that needs one, never at collection: transformers imports triton, which the kernel tests
+must import first (after setting TRITON_INTERPRET=1), and one library that fails to import must not
+stop the whole run.
+
+A library that is not installed, or is installed but cannot be imported in this Python, skips the
+test with that reason. The second case is real: a CI machine's Python whose ssl extension failed to
+load (``undefined symbol``) broke huggingface_hub, and with it transformers, peft and mergekit.
+``TSV_FAST_REQUIRE=transformers,peft,...`` (set by .ci/hf_stack.sh, in an environment where they
+import) turns those skips into failures.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+
+import pytest
+
+
+def required() -> set[str]:
+    return {name.strip() for name in os.environ.get("TSV_FAST_REQUIRE", "").split(",") if name.strip()}
+
+
+def need(name: str):
+    """The module ``name``, or a skip (a failure where TSV_FAST_REQUIRE names it) saying why not."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as exc:
+        missing = isinstance(exc, ModuleNotFoundError) and exc.name == name.split(".")[0]
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        reason = (f"{name} is not installed (it is in the test extras: pip install -e '.[test]')" if missing
+                  else f"{name} is installed but cannot be imported in this Python: {type(exc).__name__}: {first}")
+        if name in required():
+            pytest.fail(f"{reason}; TSV_FAST_REQUIRE names it", pytrace=False)
+        pytest.skip(reason, allow_module_level=True)  # a module that needs it at import skips whole
