@@ -15,6 +15,7 @@ true residual max(‖ΔV−Uσ‖, ‖ΔᵀU−Vσ‖) in units of u₃₂‖Δ�
     python bench/bench_topk.py --quick         # op rows at 1 thread, one run: a smoke test
     python bench/bench_topk.py --llama         # LLaMA-7B layer shapes at T = 4 (slow)
     python bench/bench_topk.py --real /work/cache/tsv_acc   # MiniLM fine-tunes: accuracy per matrix
+    python bench/bench_topk.py --classes 3072x768:8 --threads 1   # per spectrum class of the tests
     python bench/bench_topk.py --render bench/results/topk_*.json
 Writes bench/results/topk_<device>_<date>_<label>.json and the rendered table next to it (.md).
 """
@@ -39,7 +40,7 @@ if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
 import bench_merge  # noqa: E402
-from tsv_fast import reference  # noqa: E402
+from tsv_fast import reference, synthetic  # noqa: E402
 from tsv_fast.backends import krylov  # noqa: E402
 from tsv_fast.backends import torch_backend  # noqa: E402
 from tsv_fast.backends.torch_backend import TorchBackend  # noqa: E402
@@ -50,6 +51,11 @@ VIT = [("vit-b32 c_fc", (3072, 768)), ("vit-b32 in_proj", (2304, 768)), ("vit-b3
 LLAMA = [("llama7b q_proj", (4096, 4096)), ("llama7b up_proj", (11008, 4096))]
 MERGES = [("vit-b-32", 8, 1), ("vit-b-32", 20, 1), ("vit-b-32", 8, None), ("vit-b-32", 20, None)]
 DEVICE = torch.device("cpu")  # --device
+# --classes: label -> (synthetic spectrum kind, task_matrices options, rank-k truncation defined)
+CLASSES = {"decay 0.97^j": ("decay", {}, True), "fast decay 0.8^j": ("fast_decay", {}, True),
+           "flat (slowest)": ("flat", {}, False), "clustered at k": ("clustered", {}, False),
+           "90 % shared": ("decay", {"shared": 0.9}, True), "rank k/2": ("decay", {"rank": "k/2"}, True),
+           "identical tasks": ("identical", {}, True), "one zero task": ("decay", {"zero": True}, True)}
 
 
 def _sync() -> None:
@@ -120,11 +126,26 @@ def accuracy(delta: torch.Tensor, factors, want) -> dict:
     return out
 
 
-def op_rows(name, shape, num_tasks, threads, runs, log=print) -> list[dict]:
+def class_deltas(shape, num_tasks, label: str) -> tuple[torch.Tensor, bool]:
+    """Task matrices of one spectrum class of the tests (DESIGN.md §5), float32, and whether their
+    rank-k truncation is defined (no tie at k), so that a reconstruction error means something."""
+    k = reference.rank_per_task(shape, num_tasks)
+    kind, options, defined = CLASSES[label]
+    if kind == "identical":
+        delta = synthetic.task_matrices(shape, 1, seed=3).expand(num_tasks, *shape)
+    else:
+        delta = synthetic.task_matrices(shape, num_tasks, kind=kind, seed=3, **{
+            key: (k // 2 if value == "k/2" else value) for key, value in options.items() if key != "zero"})
+        if options.get("zero"):
+            delta[1] = 0
+    return delta.float().contiguous().to(DEVICE), defined
+
+
+def op_rows(name, shape, num_tasks, threads, runs, log=print, delta=None, defined=True) -> list[dict]:
     m, n = shape
     k = reference.rank_per_task(shape, num_tasks)
-    delta = task_deltas(shape, num_tasks)
-    want = reference.topk_svd_ref(delta.double().cpu(), k) if m * n <= 4_000_000 else None
+    delta = task_deltas(shape, num_tasks) if delta is None else delta
+    want = reference.topk_svd_ref(delta.double().cpu(), k) if defined and m * n <= 4_000_000 else None
     rows = []
     for count in threads:
         torch.set_num_threads(count)
@@ -301,6 +322,8 @@ def main(argv=None):
     parser.add_argument("--no-ops", action="store_true", help="merge rows only")
     parser.add_argument("--merges", nargs="*", help="NAME:T:BLOCKS (BLOCKS 0 = whole model, authors timed on "
                         "block 0); default vit-b-32 at T = 8, 20, block 0 and whole")
+    parser.add_argument("--classes", metavar="MxN:T", help="op rows per spectrum class of the tests at one shape, "
+                        "e.g. 3072x768:8")
     parser.add_argument("--label", default="")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:i] (threads are then irrelevant)")
     parser.add_argument("--note", default="")
@@ -320,6 +343,13 @@ def main(argv=None):
     if args.real:
         rows += real_rows(args.real, args.real_tasks)
         label = args.label or "minilm-real"
+    elif args.classes:
+        dims, count = args.classes.lower().split(":")
+        shape = tuple(int(x) for x in dims.split("x"))
+        for name in CLASSES:
+            delta, defined = class_deltas(shape, int(count), name)
+            rows += op_rows(name, shape, int(count), args.threads, args.runs, delta=delta, defined=defined)
+        label = args.label or f"classes-{dims}-T{count}"
     else:
         threads, runs = ([1], 1) if args.quick else (args.threads, args.runs)
         shapes = [(name, shape, 4) for name, shape in LLAMA] if args.llama else \

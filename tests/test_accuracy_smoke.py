@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from optional import need
+
 RUN_PY = Path(__file__).resolve().parents[1] / "bench" / "accuracy" / "run.py"
 
 
@@ -39,8 +41,12 @@ def _missing_wheels():
     return missing
 
 
+pytestmark = pytest.mark.hf  # also run by .ci/hf_stack.sh, where transformers must import
+
+
 @pytest.fixture(scope="module")
 def toy_result(tmp_path_factory):
+    need("transformers")  # installed but unimportable here (a Python without ssl): skip, naming why
     missing = _missing_wheels()
     if missing:
         pytest.skip(f"offline model/data wheels not installed ({', '.join(missing)}); "

@@ -277,8 +277,10 @@ def make_task(name: str, seed: int, n_train: int, n_val: int, n_test: int) -> Ta
 def load_model(encoder_layers: int = 0):
     try:
         from transformers import AutoModel, AutoTokenizer
-    except ImportError:
-        raise MissingWheel(f"transformers is not installed; run: {PIP_HINT}") from None
+    except ImportError as exc:
+        if isinstance(exc, ModuleNotFoundError) and exc.name == "transformers":
+            raise MissingWheel(f"transformers is not installed; run: {PIP_HINT}") from None
+        raise MissingWheel(f"transformers is installed but cannot be imported in this Python: {exc}") from None
     path = model_dir()
     tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
     model = AutoModel.from_pretrained(path, local_files_only=True)
