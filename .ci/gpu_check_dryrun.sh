@@ -17,7 +17,8 @@ done
 import json, sys
 summary = json.load(open(sys.argv[1]))
 steps = {s["step"]: s["status"] for s in summary["steps"]}
-expected = ["env", "build", "triton-tests", "ext-tests", "cusolver-bench", "kernel-bench", "merge-bench", "triton-native"]
+expected = ["env", "build", "triton-tests", "ext-tests", "cusolver-bench", "kernel-bench", "merge-bench", "topk-bench",
+            "triton-native"]
 assert list(steps) == expected and set(steps.values()) == {"ok"}, steps
 assert summary["verdict"] == "pass" and summary["env"]["dry_run"], summary["verdict"]
 assert summary["tests"]["counts"].get("passed", 0) > 0 and set(summary["tests"]["counts"]) == {"passed"}

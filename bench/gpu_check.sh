@@ -17,6 +17,8 @@
 #   kernel-bench   task Gram vs cuBLAS, reconstruction vs GEMM+add+cast, STI, stack Gram (ViT-L/14 MLP, T=20)
 #   merge-bench    ViT-L/14, T=20, whole encoder: ours per backend; the authors' route on 1 block,
 #                  extrapolated (marked so); accuracy contract per matrix
+#   topk-bench     per-task top-k on the GPU (issue #18): authors' SVD, Gram and certified Krylov
+#                  routes on the ViT-B/32 shapes at T = 8 and 20, time against each route's GEMM floor
 #   triton-native  every other Triton test natively on the GPU, if time is left
 #   report         the table of steps, tests, goals with their floors, and which backend `auto`
 #                  should take per op on CUDA; printed last
@@ -189,6 +191,15 @@ merge_bench() {
     --tag gpu-check-vitl14-T20 --note "bench/gpu_check.sh: ViT-L/14 whole encoder, T=20; authors timed on block 0 and extrapolated; runs limited by the time budget"
 }
 
+topk_bench() {
+  if [ "$DRY" = 1 ]; then
+    "$PY" bench/bench_topk.py --classes 64x32:4 --threads 1 --runs 1 --out-dir "$RAW" --label gpu-check-dryrun
+  else
+    "$PY" bench/bench_topk.py --device cuda --no-merge --threads 1 --runs 3 --out-dir "$RAW" --label gpu-check-ops \
+      --note "bench/gpu_check.sh: per-task top-k on the GPU, ViT-B/32 shapes, T = 8 and 20"
+  fi
+}
+
 triton_native() {
   if [ "$DRY" = 1 ]; then
     run_pytest triton-native tests/test_task_gram.py -m "not gpu" -k "engine_layout"
@@ -198,7 +209,7 @@ triton_native() {
 }
 
 export -f run_pytest env_step build_wait dry_build triton_tests ext_tests cusolver_bench kernel_bench \
-  merge_bench triton_native
+  merge_bench topk_bench triton_native
 
 # ------------------------------------------------------------------------------------- the run
 echo "=== bench/gpu_check.sh: results in $OUT, budget ${BUDGET}s, dry run: $DRY, $NPROC CPUs"
@@ -217,6 +228,7 @@ step ext-tests 20 120 ext_tests
 step cusolver-bench 40 70 cusolver_bench
 step kernel-bench 45 100 kernel_bench
 step merge-bench 90 300 merge_bench
+step topk-bench 30 90 topk_bench
 step triton-native 60 150 triton_native
 
 if [ "$DRY" = 1 ]; then

@@ -9,12 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 import tsv_fast
 from tsv_fast import io, synthetic
 from tsv_fast import compress, tsv_merge
 from tsv_fast.testing import assert_same_result
+
+from tiny_models import save_tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,13 +36,8 @@ def same(got: dict, want: dict) -> bool:
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    pre, fts = synthetic.checkpoints("tiny-vit", 3)
     folder = tmp_path_factory.mktemp("cli")
-    save_file(pre, str(folder / "pre.safetensors"))
-    paths = []
-    for i, ft in enumerate(fts):
-        save_file(ft, str(folder / f"ft{i}.safetensors"))
-        paths.append(folder / f"ft{i}.safetensors")
+    pre, fts, paths = save_tiny(folder, 3)
     return pre, fts, folder, paths
 
 

@@ -28,7 +28,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from tsv_fast import io, synthetic
+from tsv_fast import io
 from tsv_fast.cli import app
 from tsv_fast.engine.partition import Part
 from tsv_fast.engine.plan import make_plan
@@ -40,6 +40,7 @@ from tsv_fast.options import Options, is_merged_as_matrix
 from tsv_fast.testing import assert_same_result
 
 from test_lora import make_adapters, make_base, save_adapter
+from tiny_models import save_tiny
 
 EXCLUDE = ("text_projection",)
 
@@ -110,13 +111,8 @@ def leftovers(folder: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """tiny-vit, T = 3, on disk (its 2-D keys factored, the rest averaged)."""
-    pre, fts = synthetic.checkpoints("tiny-vit", 3)
     folder = tmp_path_factory.mktemp("dist")
-    save_file(pre, str(folder / "pre.safetensors"))
-    paths = []
-    for i, ft in enumerate(fts):
-        save_file(ft, str(folder / f"ft{i}.safetensors"))
-        paths.append(folder / f"ft{i}.safetensors")
+    _, _, paths = save_tiny(folder, 3)
     return folder / "pre.safetensors", paths
 
 

@@ -12,9 +12,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import tsv_fast
-from tsv_fast import io, synthetic
+from tsv_fast import io
 from tsv_fast.testing import assert_rel_close, assert_same_result
 
+from tiny_models import save_tiny
 from test_cli import cli
 from test_lora import dense_finetunes, make_adapters, make_base, save_adapter
 
@@ -23,13 +24,8 @@ F64 = torch.float64
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    pre, fts = synthetic.checkpoints("tiny-vit", 4)
     folder = tmp_path_factory.mktemp("library")
-    save_file(pre, str(folder / "pre.safetensors"))
-    paths = []
-    for i, ft in enumerate(fts):
-        save_file(ft, str(folder / f"ft{i}.safetensors"))
-        paths.append(folder / f"ft{i}.safetensors")
+    pre, fts, paths = save_tiny(folder, 4)
     return pre, fts, folder, paths
 
 
