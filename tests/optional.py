@@ -28,7 +28,8 @@ def need(name: str):
     except ImportError as exc:
         missing = isinstance(exc, ModuleNotFoundError) and exc.name == name.split(".")[0]
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        reason = (f"{name} is not installed (it is in the test extras: pip install -e '.[test]')" if missing
+        extra = "mergekit" if name.startswith("mergekit") else "test"
+        reason = (f"{name} is not installed (pip install -e '.[{extra}]')" if missing
                   else f"{name} is installed but cannot be imported in this Python: {type(exc).__name__}: {first}")
         if name in required():
             pytest.fail(f"{reason}; TSV_FAST_REQUIRE names it", pytrace=False)
