@@ -19,25 +19,21 @@ export TSV_FAST_REQUIRE=transformers,peft,mergekit,huggingface_hub._snapshot_dow
 VENV=${TSV_FAST_HF_VENV:-/tmp/tsv-fast-ci-hf-venv}
 started=$(date +%s)
 
+# the first candidate whose ssl imports and that can make a venv (Debian's needs python3-venv)
 python=""
 for candidate in ${PYTHON:-} python3 /usr/bin/python3.11 /usr/bin/python3 python3.11; do
-  if command -v "$candidate" >/dev/null 2>&1 &&
-     "$candidate" -c 'import ssl, sys; assert sys.version_info[:2] == (3, 11)' >/dev/null 2>&1; then
-    python=$candidate
-    break
-  fi
-  if command -v "$candidate" >/dev/null 2>&1; then
-    echo "hf_stack.sh: $candidate ($(command -v "$candidate")) passed over: $("$candidate" -c 'import ssl, sys; assert sys.version_info[:2] == (3, 11), sys.version' 2>&1 | tail -1)"
-  fi
+  command -v "$candidate" >/dev/null 2>&1 || continue
+  why=$("$candidate" -c 'import ssl, sys; assert sys.version_info[:2] == (3, 11), sys.version' 2>&1 | tail -1) &&
+    why=$("$candidate" -m venv --clear "$VENV" 2>&1 | tail -1) && { python=$candidate; break; }
+  echo "hf_stack.sh: $candidate ($(command -v "$candidate")) passed over: $why"
 done
 if [ -z "$python" ]; then
-  echo "hf_stack.sh: NOT RUN: no Python 3.11 on this machine imports ssl, so transformers, peft and mergekit cannot" \
-       "import here; the tests marked hf were skipped by .ci/run with that reason" >&2
+  echo "hf_stack.sh: NOT RUN: no Python 3.11 on this machine imports ssl and makes a venv, so transformers," \
+       "peft and mergekit cannot import here; the tests marked hf were skipped by .ci/run with that reason" >&2
   exit 0
 fi
 echo "hf_stack.sh: $python ($("$python" -c 'import sys; print(sys.executable, sys.version.split()[0])'))"
 
-"$python" -m venv --clear "$VENV"
 . "$VENV/bin/activate"
 python -m pip install -q --upgrade pip
 # torch first and pinned: mergekit asks only torch>=2.0.0, so pip keeps this one and pulls no other
