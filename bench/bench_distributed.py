@@ -214,8 +214,6 @@ def measure(args) -> dict:
             "outputs": same}
 
 
-
-
 def _git_sha() -> str:
     try:
         return subprocess.run(["git", "-C", str(HERE.parent), "rev-parse", "HEAD"], capture_output=True, text=True,

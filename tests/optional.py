@@ -16,6 +16,8 @@ import os
 
 import pytest
 
+from tsv_fast.io.hf import broken_import
+
 
 def required() -> set[str]:
     return {name.strip() for name in os.environ.get("TSV_FAST_REQUIRE", "").split(",") if name.strip()}
@@ -26,11 +28,10 @@ def need(name: str):
     try:
         return importlib.import_module(name)
     except ImportError as exc:
-        missing = isinstance(exc, ModuleNotFoundError) and exc.name == name.split(".")[0]
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        broken = broken_import(exc, name)
         extra = "mergekit" if name.startswith("mergekit") else "test"
-        reason = (f"{name} is not installed (pip install -e '.[{extra}]')" if missing
-                  else f"{name} is installed but cannot be imported in this Python: {type(exc).__name__}: {first}")
+        reason = (f"{name} is installed but cannot be imported in this Python: {broken}" if broken
+                  else f"{name} is not installed (pip install -e '.[{extra}]')")
         if name in required():
             pytest.fail(f"{reason}; TSV_FAST_REQUIRE names it", pytrace=False)
         pytest.skip(reason, allow_module_level=True)  # a module that needs it at import skips whole

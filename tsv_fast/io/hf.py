@@ -43,6 +43,15 @@ def _first_line(exc: BaseException) -> str:
     return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
+def broken_import(exc: ImportError, name: str) -> str | None:
+    """None when ``import name`` failed because the module is not installed; else why an installed
+    module failed (seen: a Python whose ssl extension does not load breaks huggingface_hub, and with
+    it transformers, peft and mergekit)."""
+    if isinstance(exc, ModuleNotFoundError) and exc.name == name.split(".")[0]:
+        return None
+    return f"{type(exc).__name__}: {_first_line(exc)}"
+
+
 def resolve_model(spec: str | os.PathLike) -> str:
     """A local path for ``spec``: itself when it exists or is no model id, else the hub snapshot of
     the id (downloaded once, then read from the cache; offline with ``HF_HUB_OFFLINE=1``)."""
@@ -52,11 +61,10 @@ def resolve_model(spec: str | os.PathLike) -> str:
     repo, _, revision = text.partition("@")
     try:
         from huggingface_hub import snapshot_download
-    except ImportError as exc:  # not installed, or installed but broken here (a Python without ssl)
-        if isinstance(exc, ModuleNotFoundError) and exc.name == "huggingface_hub":
-            why = "needs huggingface_hub: pip install huggingface_hub"
-        else:
-            why = f"needs huggingface_hub, which cannot be imported in this Python: {_first_line(exc)}"
+    except ImportError as exc:
+        broken = broken_import(exc, "huggingface_hub")
+        why = (f"needs huggingface_hub, which cannot be imported in this Python: {broken}" if broken
+               else "needs huggingface_hub: pip install huggingface_hub")
         raise FileNotFoundError(f"{text}: no such file or folder (as a Hugging Face model id it {why})") from None
     try:
         folder = snapshot_download(repo, revision=revision or None, allow_patterns=HUB_PATTERNS,
@@ -114,8 +122,9 @@ def ignorable_patterns(folder: str | os.PathLike | None) -> list[str]:
     try:
         import transformers
     except ImportError as exc:
-        if not (isinstance(exc, ModuleNotFoundError) and exc.name == "transformers"):  # installed, but broken here
-            warnings.warn(f"transformers cannot be imported in this Python ({_first_line(exc)}): the keys it ignores "
+        broken = broken_import(exc, "transformers")
+        if broken:
+            warnings.warn(f"transformers cannot be imported in this Python ({broken}): the keys it ignores "
                           f"when it loads {', '.join(architectures)} are unknown", stacklevel=2)
         return patterns
     for name in architectures:
